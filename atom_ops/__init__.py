@@ -1,0 +1,12 @@
+"""Atom W4A4 ops: packed formats, pure-torch references, and torch.library ops over the kernels."""
+
+from .formats import (FormatError, QuantizedTensor, QuantSpec, choose_outliers, dequantize_kv,
+                      pack_int4, pack_uint4, quantize_activation, quantize_kv, quantize_operand,
+                      unpack_int4, unpack_uint4, w4a4_matmul_reference)
+from .ops import w4a4_gemm
+
+__all__ = [
+    "FormatError", "QuantizedTensor", "QuantSpec", "choose_outliers", "dequantize_kv", "pack_int4",
+    "pack_uint4", "quantize_activation", "quantize_kv", "quantize_operand", "unpack_int4",
+    "unpack_uint4", "w4a4_gemm", "w4a4_matmul_reference",
+]

@@ -1,0 +1,135 @@
+"""Bridge from the torch ops to the compiled extension (``atom_ops._C``), if it was built.
+
+Each function returns the kernel's output, or None when no kernel applies (no extension,
+CPU tensors, no compiled arch for this GPU): the caller then runs the reference.
+
+Requirements of the compiled W4A4 kernels (checked here before any launch, ``FormatError``):
+    N % 16 == 0                  output columns (weight rows)
+    group % 64 == 0              the default kernels' tile_k is 64 INT4 values
+    outliers % 32 == 0           outlier K-tiles are 32 bytes
+    K = outliers + n * group     as everywhere (formats.QuantSpec)
+    every operand contiguous, packed/outlier base pointers 16-byte aligned, out/residual
+    4-byte aligned; any M >= 1.
+A kernel with tile_k = 128 (``--level 1``) needs group % 128 == 0 and outliers % 64 == 0; the
+extension checks each kernel's own limits again and raises with the kernel's name.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .formats import FormatError, QuantizedTensor
+
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+N_ALIGN = 16
+GROUP_ALIGN = 64
+OUTLIER_ALIGN = 32
+
+
+@functools.cache
+def extension():
+    """The compiled extension module, or None when it was not built."""
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def kernel_names() -> list[str]:
+    """Names of every compiled kernel ([] without the extension)."""
+    ext = extension()
+    return list(ext.kernel_names()) if ext is not None else []
+
+
+def kernels_info() -> list[dict]:
+    ext = extension()
+    return list(ext.kernels()) if ext is not None else []
+
+
+@functools.cache
+def _device_cc(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def runnable_kernels(device=None) -> list[dict]:
+    """Compiled kernels whose code runs on ``device`` (default: the current CUDA device)."""
+    if extension() is None or not torch.cuda.is_available():
+        return []
+    cc = _device_cc(torch.device(device or "cuda").index or torch.cuda.current_device())
+    return [k for k in kernels_info() if k["min_cc"] <= cc <= k["max_cc"]]
+
+
+def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
+    """The compiled kernels' layout requirements (module docstring); raises FormatError."""
+    spec = a.spec
+    n = w.rows
+    if n % N_ALIGN:
+        raise FormatError(f"w4a4_gemm on the GPU needs N % {N_ALIGN} == 0 (weight rows), got N={n}")
+    if spec.group % GROUP_ALIGN:
+        raise FormatError(f"w4a4_gemm on the GPU needs group % {GROUP_ALIGN} == 0, got group={spec.group}")
+    if spec.outliers % OUTLIER_ALIGN:
+        raise FormatError(f"w4a4_gemm on the GPU needs outliers % {OUTLIER_ALIGN} == 0, got {spec.outliers}")
+    named = [("activation.packed", a.packed), ("activation.outlier", a.outlier), ("activation.scale", a.scale),
+             ("weight.packed", w.packed), ("weight.outlier", w.outlier), ("weight.scale", w.scale)]
+    if residual is not None:
+        named.append(("residual", residual))
+    for name, t in named:
+        if not t.is_contiguous():
+            raise FormatError(f"w4a4_gemm: {name} must be contiguous (call .contiguous())")
+    for name, t in named[:2] + named[3:5]:
+        if t.numel() and t.data_ptr() % 16:
+            raise FormatError(f"w4a4_gemm: {name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); "
+                              "pass a freshly allocated tensor, not a slice")
+    if residual is not None and residual.data_ptr() % 4:
+        raise FormatError("w4a4_gemm: residual must be 4-byte aligned")
+
+
+def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, residual,
+              kernel: str = "", split_k: int = 0, out: torch.Tensor | None = None):
+    """Run a compiled kernel: ``kernel`` forces one by name ('' = the dispatch table's choice),
+    ``split_k`` overrides the split-K factor (0 = the table's), ``out`` is an optional
+    preallocated contiguous [M, N] output (tests poison it). None when no kernel applies."""
+    if not a.packed.is_cuda:
+        if kernel:
+            raise FormatError(f"kernel {kernel!r} needs CUDA tensors")
+        return None
+    ext = extension()
+    if ext is None:
+        if kernel:
+            raise FormatError(f"kernel {kernel!r} requested but the extension atom_ops._C was not built")
+        return None
+    dev = a.packed.device
+    cc = _device_cc(dev.index if dev.index is not None else torch.cuda.current_device())
+    if not kernel and not ext.arch_for(cc):
+        return None  # nothing compiled for this GPU: the reference runs
+    check_gpu_args(a, w, residual)
+    spec = a.spec
+    m, n = a.rows, w.rows
+    code = _DTYPE_CODE[out_dtype]
+    try:
+        name, split = ext.plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, split_k, cc)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    if not name:
+        return None
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or not out.is_contiguous():
+        raise FormatError(f"out must be a contiguous {out_dtype} [{m}, {n}] tensor on {dev}")
+    ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    with torch.cuda.device(dev):
+        ext.w4a4_gemm(name, a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0, a.scale.data_ptr(),
+                      w.packed.data_ptr(), w.outlier.data_ptr() if spec.outliers else 0, w.scale.data_ptr(),
+                      out.data_ptr(), residual.data_ptr() if residual is not None else 0,
+                      ws.data_ptr() if ws is not None else 0, m, n, spec.k, spec.group, spec.outliers, code, split,
+                      stream)
+    return out

@@ -1,0 +1,106 @@
+"""Timing and result helpers shared by the benches (DESIGN.md "Measuring").
+
+- ``time_cuda(fn)``: CUDA events around each call, warm-up, L2 flushed before every timed
+  call (a write over a buffer larger than L2), median of ``iters`` (>= 20) in microseconds.
+- ``write_json(path, bench, rows, command)``: the one result schema
+  ``{"bench", "gpu", "versions", "command", "rows": [{"case": {...}, "impl": ..., "median_us": ...}]}``.
+- ``print_table(rows, ...)``: a plain-text table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class L2Flusher:
+    """Writes a buffer twice the L2 size to evict earlier data between timed calls."""
+
+    def __init__(self, device=None):
+        props = torch.cuda.get_device_properties(device or torch.cuda.current_device())
+        l2 = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
+        self.buf = torch.empty(2 * l2 // 4, dtype=torch.int32, device="cuda")
+
+    def __call__(self):
+        self.buf.zero_()
+
+
+def time_cuda(fn, iters: int = 20, warmup: int = 3, flush: L2Flusher | None = None, graph: bool = False) -> dict:
+    """Median / min / max microseconds of ``fn()`` over ``iters`` runs (CUDA events).
+
+    ``graph=True`` captures ``fn`` into a CUDA graph after the warm-up and times its replays,
+    which removes host (Python, launch) overhead from the numbers; the L2 flush stays outside.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    flush = flush or L2Flusher()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize()
+        fn = g.replay
+        fn()
+        torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        flush()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    us = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    return {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us), "iters": iters}
+
+
+def versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "cuda": torch.version.cuda}
+    try:
+        import importlib.metadata as md
+        v["nvidia-cutlass"] = md.version("nvidia-cutlass")
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return v
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
+
+def command_line(module: str | None = None) -> str:
+    """The command that ran this bench, e.g. ``python -m bench.gemm --models llama-7b``."""
+    head = ["python", "-m", module] if module else ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
+
+
+def write_json(path: Path, bench: str, rows: list[dict], command: str | None = None, **extra) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"bench": bench, "gpu": gpu_name(), "versions": versions(), "command": command or command_line(),
+            "rows": rows, **extra}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """Format dict rows as an aligned text table (returns and prints it)."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text

@@ -1,0 +1,200 @@
+"""W4A4 GEMM benchmark: our kernels vs torch fp16, torch FP8 ``_scaled_mm`` (rowwise),
+``torch._int_mm`` and torch's W4A16 ``_weight_int4pack_mm`` (g128), side by side in one
+process on the same shapes.
+
+    python -m bench.gemm [--models llama-7b llama-3-8b smollm2-135m] [--m 1 16 64 256 1024 4096 8192]
+                         [--iters 20] [--kernel NAME] [--graph] [--out bench/results] [--tag h100]
+
+Shapes: every linear of each model (qkv, o, gate_up, down; models.config presets or an HF
+config.json), group 128 and the outlier rule of atom_ops.formats.choose_outliers. Activations
+are pre-quantized (the GEMM alone is timed). CUDA events, warm-up, L2 flushed before every
+call, median of >= 20. Writes gemm_<tag>.json (bench/common.py schema), prints a table and
+saves gemm_<tag>.png (speedup over torch fp16 vs M).
+On the H100 the INT4 mma of the sm80-style kernels is emulated: those numbers are a harness
+check, not a speed claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from atom_ops import formats, kernels
+from bench.common import RESULTS, L2Flusher, command_line, print_table, time_cuda, write_json
+
+DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
+DEFAULT_M = (1, 16, 64, 256, 1024, 4096, 8192)
+IMPLS = ("atom", "torch_fp16", "torch_fp8", "torch_int_mm", "torch_w4a16")
+
+
+def model_shapes(name: str):
+    from models.config import LlamaConfig, preset
+    cfg = LlamaConfig.from_json(name) if name.endswith(".json") else preset(name)
+    return list(cfg.linear_shapes().items())
+
+
+def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, group: int, graph: bool = False):
+    """{impl: timing dict or {'error': str}} for one (M, N, K)."""
+    out = {}
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.float16)
+    w = torch.randn(n, k, device=dev, dtype=torch.float16)
+    if "torch_fp16" in impls:
+        out["torch_fp16"] = time_cuda(lambda: torch.nn.functional.linear(x, w), iters, flush=flush, graph=graph)
+    if "torch_fp8" in impls:
+        try:
+            f8 = torch.float8_e4m3fn
+            xs = (x.abs().amax(dim=1, keepdim=True).float() / 448).clamp_min(1e-8)
+            ws = (w.abs().amax(dim=1, keepdim=True).float() / 448).clamp_min(1e-8)
+            x8 = (x / xs).to(f8)
+            w8 = (w / ws).to(f8)
+            wt = w8.t()  # column-major [K, N]
+            wst = ws.t().contiguous()
+            fn = lambda: torch._scaled_mm(x8, wt, scale_a=xs, scale_b=wst, out_dtype=torch.bfloat16)  # noqa: E731
+            fn()
+            out["torch_fp8"] = time_cuda(fn, iters, flush=flush, graph=graph)
+        except (RuntimeError, TypeError) as e:
+            out["torch_fp8"] = {"error": str(e).splitlines()[0][:160]}
+    if "torch_int_mm" in impls:
+        try:
+            xi = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+            wi = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8).t()
+            fn = lambda: torch._int_mm(xi, wi)  # noqa: E731
+            fn()
+            out["torch_int_mm"] = time_cuda(fn, iters, flush=flush, graph=graph)
+        except RuntimeError as e:
+            out["torch_int_mm"] = {"error": str(e).splitlines()[0][:160]}
+    if "torch_w4a16" in impls:
+        # What a torch user picks for 4-bit weights: tinygemm W4A16 (bf16 activations, g128).
+        try:
+            wq = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+            err = None
+            for tiles in (8, 4, 2):
+                try:
+                    wp = torch.ops.aten._convert_weight_to_int4pack(wq, tiles)
+                    break
+                except RuntimeError as e:
+                    err = e
+            else:
+                raise err
+            sz = torch.rand(k // group, n, 2, device=dev, dtype=torch.bfloat16)
+            xb = x.to(torch.bfloat16)
+            fn = lambda: torch.ops.aten._weight_int4pack_mm(xb, wp, group, sz)  # noqa: E731
+            fn()
+            out["torch_w4a16"] = time_cuda(fn, iters, flush=flush, graph=graph)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            out["torch_w4a16"] = {"error": str(e).splitlines()[0][:160]}
+    if "atom" in impls:
+        try:
+            o = formats.choose_outliers(k, group, 128)
+            spec = formats.QuantSpec(k, group, o)
+            a = formats.quantize_operand(x.float(), spec, clip=0.9)
+            wq = formats.quantize_operand(w.float(), spec, clip=0.85)
+            fn = lambda: kernels.w4a4_gemm(a, wq, torch.float16, None, kernel=kernel)  # noqa: E731
+            if fn() is None:
+                raise RuntimeError("no compiled kernel for this GPU")
+            r = time_cuda(fn, iters, flush=flush, graph=graph)
+            ext = kernels.extension()
+            r["kernel"], r["split_k"] = ext.plan(kernel, m, n, k, group, o, 0, 0, 0)
+            out["atom"] = r
+        except (RuntimeError, formats.FormatError) as e:
+            out["atom"] = {"error": str(e).splitlines()[0][:160]}
+    return out
+
+
+def plot(rows, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG", file=sys.stderr)
+        return None
+    base = {}
+    for r in rows:
+        if r["impl"] == "torch_fp16":
+            c = r["case"]
+            base[(c["model"], c["layer"], c["M"])] = r["median_us"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    series = {}
+    for r in rows:
+        if r["impl"] == "torch_fp16" or "median_us" not in r:
+            continue
+        c = r["case"]
+        b = base.get((c["model"], c["layer"], c["M"]))
+        if b:
+            series.setdefault((r["impl"], c["model"]), {}).setdefault(c["M"], []).append(b / r["median_us"])
+    for (impl, model), pts in sorted(series.items()):
+        ms = sorted(pts)
+        geo = [torch.tensor(pts[m]).log().mean().exp().item() for m in ms]
+        ax.plot(ms, geo, marker="o", label=f"{impl} {model}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("speedup over torch fp16 (geomean over layers)")
+    ax.set_title(f"W4A4 GEMM vs baselines on {torch.cuda.get_device_name()}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="presets or HF config.json paths")
+    p.add_argument("--m", nargs="+", type=int, default=list(DEFAULT_M), help="token counts M")
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers (qkv o gate_up down)")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per case (median; >= 20 for reports)")
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--kernel", default="", help="force one compiled kernel by name (default: dispatch)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
+    p.add_argument("--tag", default=None, help="file name tag (default: GPU name)")
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays (no host/launch overhead) instead of eager calls")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.gemm needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    flush = L2Flusher()
+    rows, table = [], []
+    for model in args.models:
+        for layer, (n, k) in model_shapes(model):
+            if args.layers and layer not in args.layers:
+                continue
+            for m in args.m:
+                res = bench_case(m, n, k, args.impls, args.iters, flush, args.kernel, args.group, args.graph)
+                case = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
+                        "timing": "cuda_graph" if args.graph else "eager"}
+                trow = {"model": model, "layer": layer, "M": m, "N": n, "K": k}
+                for impl, r in res.items():
+                    row = {"case": case, "impl": impl, **r}
+                    if "median_us" in r:
+                        row["tops"] = 2 * m * n * k / (r["median_us"] * 1e-6) / 1e12
+                        trow[impl + "_us"] = f"{r['median_us']:.1f}"
+                    else:
+                        trow[impl + "_us"] = "-"
+                    rows.append(row)
+                fp16 = res.get("torch_fp16", {}).get("median_us")
+                at = res.get("atom", {}).get("median_us")
+                trow["atom_vs_fp16"] = f"{fp16 / at:.2f}x" if fp16 and at else "-"
+                table.append(trow)
+                print(f"{model} {layer} M={m}: " + ", ".join(f"{i}={trow.get(i + '_us')}" for i in res), flush=True)
+    tag = args.tag or torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    args.out.mkdir(parents=True, exist_ok=True)
+    jpath = write_json(args.out / f"gemm_{tag}.json", "gemm", rows, command_line("bench.gemm"),
+                       kernels=kernels.kernel_names())
+    cols = ["model", "layer", "M", "N", "K"] + [i + "_us" for i in args.impls] + ["atom_vs_fp16"]
+    text = print_table(table, cols)
+    (args.out / f"gemm_{tag}.txt").write_text(text + "\n")
+    png = plot(rows, args.out / f"gemm_{tag}.png")
+    print(f"wrote {jpath}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

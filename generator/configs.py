@@ -1,0 +1,206 @@
+"""Kernel configurations: frozen dataclasses whose ``name`` is the only source of kernel names.
+
+A ``KernelConfig`` describes one compiled kernel of one family for one arch. ``validate()``
+raises ``ConfigError`` naming the kernel and the reason; ``KernelConfig.from_name`` parses a
+name back (tuning tables store names), so ``from_name(cfg.name) == cfg`` for every config.
+
+Families:
+    mma    CUTLASS 2.x arch-level main loop (cp.async + ldmatrix + mma.sync INT4 m16n8k64 /
+           INT8 m16n8k32), sm80 / sm86 / sm89, and built for sm90a as the portable fallback
+           (INT4 mma is emulated on Hopper: correct, slow).
+    wgmma  reserved for the Hopper fast path (issue 6): INT8 wgmma, in-register INT4 unpack.
+           Not implemented here; configs of this family are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+
+class ConfigError(ValueError):
+    """An impossible or unsupported kernel configuration (the message names it)."""
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    name: str
+    cc: int                 # compute capability, major * 10 + minor
+    smem_bytes: int         # max dynamic shared memory per block (opt-in)
+    families: tuple[str, ...]
+    gencode: str            # nvcc -gencode flags for this arch's sources
+    max_cc: int             # highest compute capability the built code runs on
+
+    @property
+    def cmake_arch(self) -> str:
+        return self.name[2:]
+
+
+ARCHS: dict[str, ArchInfo] = {
+    # sm80 code carries compute_80 PTX, so it also runs (JIT) on sm86/89/90/...
+    "sm80": ArchInfo("sm80", 80, 166912, ("mma",),
+                     "-gencode=arch=compute_80,code=[sm_80,compute_80]", 999),
+    "sm86": ArchInfo("sm86", 86, 101376, ("mma",), "-gencode=arch=compute_86,code=sm_86", 89),
+    "sm89": ArchInfo("sm89", 89, 101376, ("mma",), "-gencode=arch=compute_89,code=sm_89", 89),
+    # sm90a: arch-specific code, runs on cc 9.0 only. Until the Hopper family lands the
+    # mma family is built here as the (emulated-INT4) fallback.
+    "sm90a": ArchInfo("sm90a", 90, 232448, ("mma", "wgmma"),
+                      "-gencode=arch=compute_90a,code=sm_90a", 90),
+}
+
+FAMILIES = ("mma", "wgmma")
+IMPLEMENTED_FAMILIES = ("mma",)
+OUT_DTYPES = {"f16": "__half", "bf16": "__nv_bfloat16"}      # name part -> C++ type
+OUT_DTYPE_ENUM = {"f16": "atom::OutDtype::kF16", "bf16": "atom::OutDtype::kBF16"}
+SCHEDULES = {"mma": ("multistage",), "wgmma": ("cooperative", "pingpong")}
+MAX_ACCUMULATOR_REGS = 128  # int32 + float accumulators per thread (mma family)
+
+
+def arch_info(arch: str) -> ArchInfo:
+    try:
+        return ARCHS[arch]
+    except KeyError:
+        raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}") from None
+
+
+@dataclass(frozen=True, order=True)
+class KernelConfig:
+    """One W4A4 GEMM kernel. ``group``/``outliers`` None = run-time values (any supported)."""
+
+    family: str
+    arch: str
+    tile_m: int
+    tile_n: int
+    tile_k: int             # in INT4 elements (tile_k / 2 bytes per row per stage)
+    warp_m: int
+    warp_n: int
+    stages: int
+    out_dtype: str = "f16"
+    split_k: bool = False   # built with the split-K (float workspace) epilogue
+    group: int | None = None
+    outliers: int | None = None
+    cluster: tuple[int, int, int] = (1, 1, 1)
+    schedule: str = "multistage"
+
+    # ------------------------------------------------------------------ naming
+    @property
+    def name(self) -> str:
+        parts = [f"atom_w4a4_{self.family}_{self.arch}",
+                 f"t{self.tile_m}x{self.tile_n}x{self.tile_k}",
+                 f"w{self.warp_m}x{self.warp_n}",
+                 f"s{self.stages}"]
+        if self.cluster != (1, 1, 1):
+            parts.append("c" + "x".join(map(str, self.cluster)))
+        if self.schedule != SCHEDULES.get(self.family, ("",))[0]:
+            parts.append(self.schedule)
+        if self.split_k:
+            parts.append("sk")
+        parts.append(f"g{self.group if self.group is not None else 'any'}")
+        parts.append(f"o{self.outliers if self.outliers is not None else 'any'}")
+        parts.append(self.out_dtype)
+        return "_".join(parts)
+
+    _NAME_RE = re.compile(
+        r"^atom_w4a4_(?P<family>[a-z0-9]+)_(?P<arch>sm\d+a?)_t(?P<tm>\d+)x(?P<tn>\d+)x(?P<tk>\d+)"
+        r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+)(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong))?"
+        r"(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
+
+    @classmethod
+    def from_name(cls, name: str) -> "KernelConfig":
+        m = cls._NAME_RE.match(name)
+        if not m:
+            raise ConfigError(f"not a kernel name: {name!r}")
+        d = m.groupdict()
+        fam = d["family"]
+        return cls(family=fam, arch=d["arch"], tile_m=int(d["tm"]), tile_n=int(d["tn"]),
+                   tile_k=int(d["tk"]), warp_m=int(d["wm"]), warp_n=int(d["wn"]), stages=int(d["st"]),
+                   out_dtype=d["dt"], split_k=bool(d["sk"]),
+                   group=None if d["g"] == "any" else int(d["g"]),
+                   outliers=None if d["o"] == "any" else int(d["o"]),
+                   cluster=tuple(int(x) for x in d["cl"].split("x")) if d["cl"] else (1, 1, 1),
+                   schedule=d["sched"] or SCHEDULES.get(fam, ("multistage",))[0])
+
+    def replace(self, **kw) -> "KernelConfig":
+        return replace(self, **kw)
+
+    # -------------------------------------------------------------- derived
+    @property
+    def threads(self) -> int:
+        return (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n) * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of the mma family: padded byte tiles, one per stage."""
+        return self.stages * (self.tile_m + self.tile_n) * (self.tile_k // 2 + 16)
+
+    @property
+    def accumulator_regs(self) -> int:
+        return 2 * self.warp_m * self.warp_n // 32
+
+    @property
+    def cxx_out(self) -> str:
+        return OUT_DTYPES[self.out_dtype]
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ConfigError if this kernel cannot be built or cannot run."""
+        def bad(why: str):
+            raise ConfigError(f"{self.name}: {why}")
+
+        info = arch_info(self.arch)
+        if self.family not in FAMILIES:
+            bad(f"unknown family {self.family!r}; known: {FAMILIES}")
+        if self.family not in info.families:
+            bad(f"family {self.family!r} does not run on {self.arch} (families there: {info.families})")
+        if self.family not in IMPLEMENTED_FAMILIES:
+            bad(f"family {self.family!r} is not implemented yet (the Hopper issue adds it)")
+        if self.out_dtype not in OUT_DTYPES:
+            bad(f"out_dtype must be one of {tuple(OUT_DTYPES)}")
+        if self.schedule not in SCHEDULES[self.family]:
+            bad(f"schedule {self.schedule!r} not in {SCHEDULES[self.family]} for family {self.family}")
+        FAMILY_CHECKS[self.family](self, info, bad)
+
+    def supports(self, k: int, group: int, outliers: int, n: int) -> bool:
+        """Whether this kernel runs a layer with these run-time values."""
+        if n % 16 or group % self.tile_k or outliers % (self.tile_k // 2):
+            return False
+        if self.group is not None and group != self.group:
+            return False
+        if self.outliers is not None and outliers != self.outliers:
+            return False
+        return k - outliers > 0 and (k - outliers) % group == 0
+
+
+def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
+    """Limits of the mma family (templates/atom_w4a4_mma.cuh.j2)."""
+    if self.cluster != (1, 1, 1):
+        bad("the mma family has no thread-block clusters (cluster must be 1x1x1)")
+    for what, v in (("tile_m", self.tile_m), ("tile_n", self.tile_n), ("tile_k", self.tile_k),
+                    ("warp_m", self.warp_m), ("warp_n", self.warp_n)):
+        if v <= 0:
+            bad(f"{what} must be positive")
+    if self.tile_k % 64:
+        bad(f"tile_k={self.tile_k} must be a multiple of 64 (one INT4 mma k-step)")
+    if self.warp_m % 16 or self.warp_n % 16:
+        bad(f"warp tile {self.warp_m}x{self.warp_n} must be a multiple of 16x16")
+    if self.tile_m % self.warp_m or self.tile_n % self.warp_n:
+        bad(f"tile {self.tile_m}x{self.tile_n} is not a multiple of the warp tile "
+            f"{self.warp_m}x{self.warp_n}")
+    if not 32 <= self.threads <= 1024:
+        bad(f"{self.threads} threads per block (must be 32..1024)")
+    if not 2 <= self.stages <= 8:
+        bad(f"stages={self.stages} (must be 2..8)")
+    if self.group is not None and (self.group <= 0 or self.group % self.tile_k):
+        bad(f"group={self.group} must be a positive multiple of tile_k={self.tile_k}")
+    if self.outliers is not None and (self.outliers < 0 or self.outliers % (self.tile_k // 2)):
+        bad(f"outliers={self.outliers} must be a multiple of tile_k/2={self.tile_k // 2}")
+    if self.accumulator_regs > MAX_ACCUMULATOR_REGS:
+        bad(f"warp tile {self.warp_m}x{self.warp_n} needs {self.accumulator_regs} accumulator "
+            f"registers per thread (int32 + float), more than {MAX_ACCUMULATOR_REGS}")
+    if self.smem_bytes > info.smem_bytes:
+        bad(f"needs {self.smem_bytes} B of shared memory, {self.arch} allows {info.smem_bytes} B")
+
+
+# Family-specific validation, called by KernelConfig.validate after the common checks. A new
+# family (the Hopper "wgmma" one) registers its function here and in IMPLEMENTED_FAMILIES.
+FAMILY_CHECKS = {"mma": _check_mma}

@@ -1,0 +1,190 @@
+"""The manifest: which kernel configs to emit, per arch. Validated, deduplicated, culls logged.
+
+``Manifest.append(cfg)`` raises ``ConfigError`` for an impossible config (``strict=True``,
+the default) or logs it as culled (``strict=False``, used when crossing tables at higher
+levels); configs for archs not selected and duplicates are culled with a log line.
+
+Levels (``--level``):
+    0  (default, what CI compiles) per arch: the large tile and the small split-K tile,
+       fp16 and bf16 output -> 4 kernels per arch.
+    1  adds a medium tile and tile_k=128 variants (group % 128 == 0 only).
+    2  the cross product of the tile / warp / stage tables below, invalid ones culled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import sys
+from dataclasses import dataclass
+
+from .configs import ARCHS, ConfigError, KernelConfig, OUT_DTYPES, arch_info
+from .paths import MODELS_CONFIG
+
+log = logging.getLogger("generator")
+
+# The built-in tiles (arch filled in per arch). tile_k=64 runs any group % 64 == 0 and any
+# outlier count % 32 == 0.
+LARGE = KernelConfig("mma", "sm80", tile_m=128, tile_n=128, tile_k=64, warp_m=64, warp_n=32, stages=4)
+SMALL = KernelConfig("mma", "sm80", tile_m=16, tile_n=64, tile_k=64, warp_m=16, warp_n=16, stages=6,
+                     split_k=True)
+LEVEL1 = (
+    KernelConfig("mma", "sm80", 64, 128, 64, 32, 32, 4),
+    KernelConfig("mma", "sm80", 32, 128, 64, 32, 32, 4, split_k=True),
+    KernelConfig("mma", "sm80", 128, 128, 128, 64, 32, 3),
+    KernelConfig("mma", "sm80", 16, 64, 128, 16, 16, 4, split_k=True),
+)
+LEVEL2_TILES = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128),
+                (128, 256), (256, 128)]
+LEVEL2_WARPS = [(16, 16), (16, 32), (32, 32), (32, 64), (64, 32), (64, 64)]
+LEVEL2_TILE_K = (64, 128)
+LEVEL2_STAGES = (3, 4, 6)
+
+DEFAULT_GROUP = 128
+DEFAULT_OUTLIERS = 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    layer: str
+    n: int
+    k: int
+
+
+def outliers_for(k: int, group: int, requested: int) -> int:
+    """Same rule as atom_ops.formats.choose_outliers (kept torch-free for the build; a test
+    checks they agree)."""
+    count = k % group
+    while count + group <= requested and k - (count + group) >= group:
+        count += group
+    if k - count < group:
+        raise ConfigError(f"K={k} leaves no whole group of {group} after {count} outliers")
+    return count
+
+
+def _load_models_config():
+    """models/config.py without importing the models package (which may need torch)."""
+    name = "_atom_models_config"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, MODELS_CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def model_shapes(model: str) -> list[Shape]:
+    """(N, K) of every linear of a Llama model: a preset name or an HF config.json path."""
+    mc = _load_models_config()
+    if model.endswith(".json"):
+        cfg = mc.LlamaConfig.from_json(model)
+    elif model in mc.PRESETS:
+        cfg = mc.PRESETS[model]
+    else:
+        raise ConfigError(f"unknown model {model!r}: give a preset ({', '.join(sorted(mc.PRESETS))}) "
+                          "or a path to an HF config.json")
+    return [Shape(model, layer, n, k) for layer, (n, k) in cfg.linear_shapes().items()]
+
+
+class Manifest:
+    def __init__(self, archs, shapes=()):
+        self.archs = tuple(archs)
+        for a in self.archs:
+            arch_info(a)
+        self.shapes = tuple(shapes)
+        self._configs: dict[str, dict[str, KernelConfig]] = {a: {} for a in self.archs}
+        self.culled: list[tuple[str, str]] = []
+
+    def _cull(self, name: str, why: str) -> bool:
+        self.culled.append((name, why))
+        log.info("cull %s: %s", name, why)
+        return False
+
+    def append(self, cfg: KernelConfig, strict: bool = True) -> bool:
+        """Add a config; True if added. Impossible configs raise (strict) or are culled."""
+        if cfg.arch not in self._configs:
+            arch_info(cfg.arch)  # unknown arch -> ConfigError
+            return self._cull(cfg.name, f"arch {cfg.arch} not selected")
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            if strict:
+                raise
+            return self._cull(cfg.name, str(e).split(": ", 1)[-1])
+        if cfg.name in self._configs[cfg.arch]:
+            return self._cull(cfg.name, "duplicate")
+        if self.shapes and not any(self._runs(cfg, s) for s in self.shapes):
+            return self._cull(cfg.name, "runs none of the model's shapes")
+        self._configs[cfg.arch][cfg.name] = cfg
+        log.debug("keep %s", cfg.name)
+        return True
+
+    @staticmethod
+    def _runs(cfg: KernelConfig, s: Shape) -> bool:
+        for group in (DEFAULT_GROUP, 64):
+            try:
+                o = outliers_for(s.k, group, DEFAULT_OUTLIERS)
+            except ConfigError:
+                continue
+            if cfg.supports(s.k, group, o, s.n):
+                return True
+        return False
+
+    def configs(self, arch: str | None = None) -> list[KernelConfig]:
+        """Configs in a stable order (arch order, then name)."""
+        archs = [arch] if arch else self.archs
+        return [c for a in archs for c in sorted(self._configs[a].values(), key=lambda c: c.name)]
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.configs()]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._configs.values())
+
+    def coverage(self) -> list[tuple[Shape, int, int, list[str]]]:
+        """For each model shape (default group 128 and the outlier rule): supporting kernels."""
+        rows = []
+        for s in self.shapes:
+            o = outliers_for(s.k, DEFAULT_GROUP, DEFAULT_OUTLIERS)
+            names = [c.name for c in self.configs() if c.supports(s.k, DEFAULT_GROUP, o, s.n)]
+            rows.append((s, DEFAULT_GROUP, o, names))
+        return rows
+
+
+def level_configs(level: int) -> list[KernelConfig]:
+    """Arch-less (arch='sm80' placeholder) configs of a level, f16 only; callers retarget."""
+    if level < 0:
+        raise ConfigError(f"--level must be >= 0, got {level}")
+    cfgs = [LARGE, SMALL]
+    if level >= 1:
+        cfgs += list(LEVEL1)
+    if level >= 2:
+        for (tm, tn), (wm, wn), tk, st in itertools.product(LEVEL2_TILES, LEVEL2_WARPS, LEVEL2_TILE_K,
+                                                            LEVEL2_STAGES):
+            cfgs.append(KernelConfig("mma", "sm80", tm, tn, tk, wm, wn, st, split_k=tm <= 32))
+    return cfgs
+
+
+def default_manifest(archs, level: int = 0, shapes=(), dispatch=None) -> Manifest:
+    """The manifest for ``archs``: level configs in every output dtype, plus every kernel the
+    dispatch rules name (``dispatch``: {arch: ArchDispatch}; defaults when absent)."""
+    from .dispatch import default_dispatch
+    m = Manifest(archs, shapes)
+    for arch in m.archs:
+        info = ARCHS[arch]
+        if dispatch and arch in dispatch:
+            base = dispatch[arch].kernels() + [LARGE.replace(arch=arch)]   # chosen + safe fallback
+            strict = True
+        else:
+            base = [c.replace(arch=arch) for c in level_configs(level) if c.family in info.families]
+            base += default_dispatch(arch).kernels()
+            strict = level < 2
+        for cfg in base:
+            for dt in OUT_DTYPES:
+                c = cfg.replace(out_dtype=dt)
+                if c.name not in {x.name for x in m.configs(arch)}:
+                    m.append(c, strict=strict)
+    return m

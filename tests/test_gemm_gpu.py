@@ -1,0 +1,203 @@
+"""GPU tests of the compiled W4A4 kernels against atom_ops.formats.w4a4_matmul_reference.
+
+Run on a GPU machine after building the extension (see the report / README):
+    pytest -m gpu tests/test_gemm_gpu.py -v
+Memcheck on a few shapes:
+    compute-sanitizer --tool memcheck python tests/test_gemm_gpu.py --sanitize
+Every compiled kernel that runs on the device is forced by name over every random shape of
+its output dtype (outputs poisoned with NaN first, so unwritten elements fail), and the
+dispatch path (the torch op) runs too. Tolerance: float summation order only.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+import torch
+
+from atom_ops import formats, kernels
+from atom_ops.formats import QuantSpec
+
+pytestmark = pytest.mark.gpu
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not kernels.available(),
+                               reason="needs a CUDA GPU and the compiled extension atom_ops._C")
+
+K_VALUES = (576, 1536, 4096, 5120, 11008, 14336)
+N_SHAPES = 220
+# Output rounding: allow 1 ulp of the output dtype (rtol) plus float32 summation-order noise
+# relative to the sum of |terms| (approximated by the output's max magnitude).
+RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _specs(k: int):
+    out = []
+    for group in (64, 128):
+        for o in (0, 64, 128):
+            kn = k - o
+            if kn > 0 and kn % group == 0:
+                out.append(QuantSpec(k, group, o))
+    return out
+
+
+def random_cases(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    ms = [1, 1, 2, 3, 7, 15, 16, 17, 31, 33, 64, 65, 127, 128, 129, 200, 255, 257, 300, 513]
+    cases = []
+    for i in range(n):
+        k = K_VALUES[i % len(K_VALUES)]
+        spec = rng.choice(_specs(k))
+        m = rng.choice(ms) if i % 3 else rng.randint(1, 400)
+        nn = 16 * rng.randint(1, 160 if k >= 11008 else 256)
+        dtype = (torch.float16, torch.bfloat16)[(i // len(K_VALUES)) % 2]
+        residual = rng.random() < 0.5
+        cases.append((m, nn, spec, dtype, residual))
+    return cases
+
+
+def make_operands(m, n, spec, dtype, residual, device="cuda", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(m, spec.k, generator=g)
+    x[:, spec.k_normal:] *= 8  # outlier channels are larger
+    w = torch.randn(n, spec.k, generator=g)
+    a = formats.quantize_operand(x, spec, clip=0.9).to(device)
+    wq = formats.quantize_operand(w, spec, clip=0.85).to(device)
+    res = torch.randn(m, n, generator=g).to(dtype).to(device) * 4 if residual else None
+    return a, wq, res
+
+
+def compare(out, ref, dtype):
+    """(max |err|, max |err| / max |ref|, number of out-of-tolerance elements, fraction bit-exact)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    o, r = out.float(), ref.float()
+    assert torch.isfinite(o).all(), "non-finite output (unwritten element?)"
+    err = (o - r).abs()
+    tol = RTOL[dtype] * r.abs() + 1e-5 * r.abs().max() + 1e-6
+    bad = err > tol
+    scale = float(r.abs().max()) or 1.0
+    return float(err.max()), float(err.max()) / scale, int(bad.sum()), float((err == 0).float().mean())
+
+
+@needs_gpu
+def test_every_kernel_random_shapes():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runnable = kernels.runnable_kernels()
+    assert runnable, "the extension has no kernel for this GPU"
+    stats = {k["name"]: [0, 0.0, 1.0] for k in runnable}
+    failures = []
+    for i, (m, n, spec, dtype, residual) in enumerate(random_cases(N_SHAPES)):
+        a, w, res = make_operands(m, n, spec, dtype, residual, seed=i)
+        ref = formats.w4a4_matmul_reference(a, w, dtype, res)
+        want = "f16" if dtype == torch.float16 else "bf16"
+        runs = [("dispatch", "", 0)]
+        for k in runnable:
+            if k["out_dtype"] != want or spec.group % k["tile_k"] or spec.outliers % (k["tile_k"] // 2):
+                continue
+            splits = [1] + ([random.Random(i).choice([2, 3, 4, 7, 64])] if k["split_k"] else [])
+            runs += [(k["name"], k["name"], s) for s in splits]
+        for label, name, split in runs:
+            out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            got = kernels.w4a4_gemm(a, w, dtype, res, kernel=name, split_k=split, out=out)
+            assert got is not None
+            torch.cuda.synchronize()
+            max_abs, max_rel, nbad, exact = compare(got, ref, dtype)
+            if name:
+                stats[name][0] += 1
+                stats[name][1] = max(stats[name][1], max_rel)
+                stats[name][2] = min(stats[name][2], exact)
+            if nbad:
+                failures.append(f"{label} split={split} M={m} N={n} {spec} {dtype} residual={residual}: "
+                                f"{nbad} bad, max abs err {max_abs:.3g}")
+    for name, (count, rel, exact) in sorted(stats.items()):
+        print(f"{name}: {count} runs, max |err| / max |ref| = {rel:.3g}, worst bit-exact fraction {exact:.4f}")
+    print(f"{N_SHAPES} shapes, {len(failures)} failures")
+    assert not failures, "\n".join(failures[:20])
+    assert all(v[0] > 0 for v in stats.values()), stats
+
+
+@needs_gpu
+def test_op_dispatch_and_errors():
+    spec = QuantSpec(4096, 128, 128)
+    a, w, res = make_operands(5, 256, spec, torch.float16, True)
+    out = torch.ops.atom.w4a4_gemm(a.packed, a.outlier, a.scale, w.packed, w.outlier, w.scale, 128,
+                                   torch.float16, res)
+    ref = formats.w4a4_matmul_reference(a, w, torch.float16, res)
+    assert compare(out, ref, torch.float16)[2] == 0
+    # N not a multiple of 16: a clear error, never a silent wrong answer.
+    a2, w2, _ = make_operands(3, 40, spec, torch.float16, False)
+    with pytest.raises(formats.FormatError, match="N % 16"):
+        kernels.w4a4_gemm(a2, w2, torch.float16, None)
+    with pytest.raises(formats.FormatError, match="no compiled kernel"):
+        kernels.w4a4_gemm(a, w, torch.float16, None, kernel="atom_w4a4_nope")
+
+
+@needs_gpu
+def test_opcheck_cuda():
+    # Added after the last H100 run: not yet run on a GPU (the CPU opcheck passes).
+    spec = QuantSpec(4096, 128, 128)
+    a, w, res = make_operands(5, 256, spec, torch.float16, True)
+    for r in (None, res):
+        torch.library.opcheck(torch.ops.atom.w4a4_gemm.default,
+                              (a.packed, a.outlier, a.scale, w.packed, w.outlier, w.scale, 128, torch.float16, r))
+
+
+@needs_gpu
+def test_torch_compile_and_cuda_graph():
+    spec = QuantSpec(1536, 128, 128)
+    a, w, res = make_operands(16, 512, spec, torch.bfloat16, True)
+    ref = formats.w4a4_matmul_reference(a, w, torch.bfloat16, res)
+
+    def f(a_p, a_o, a_s, res):
+        return torch.ops.atom.w4a4_gemm(a_p, a_o, a_s, w.packed, w.outlier, w.scale, spec.group,
+                                        torch.bfloat16, res) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(a.packed, a.outlier, a.scale, res)
+    assert compare(got / 2, ref, torch.bfloat16)[2] == 0
+
+    # CUDA graph capture of the op (decode shape: split-K path with its workspace + memset).
+    static = [t.clone() for t in (a.packed, a.outlier, a.scale, res)]
+    f(*static)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f(*static)
+    a2, _, res2 = make_operands(16, 512, spec, torch.bfloat16, True, seed=7)
+    for s, t in zip(static, (a2.packed, a2.outlier, a2.scale, res2)):
+        s.copy_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref2 = formats.w4a4_matmul_reference(a2, w, torch.bfloat16, res2)
+    assert compare(out / 2, ref2, torch.bfloat16)[2] == 0
+
+
+def sanitize_main() -> int:
+    """A few shapes per kernel, for `compute-sanitizer --tool memcheck python tests/test_gemm_gpu.py --sanitize`."""
+    cases = [(1, 64, QuantSpec(576, 64, 0), torch.float16, True),
+             (17, 96, QuantSpec(576, 128, 64), torch.bfloat16, False),
+             (130, 144, QuantSpec(1536, 128, 128), torch.float16, True),
+             (3, 4096 // 16, QuantSpec(4096, 128, 128), torch.bfloat16, True)]
+    bad = 0
+    for i, (m, n, spec, dtype, residual) in enumerate(cases):
+        a, w, res = make_operands(m, n, spec, dtype, residual, seed=100 + i)
+        ref = formats.w4a4_matmul_reference(a, w, dtype, res)
+        want = "f16" if dtype == torch.float16 else "bf16"
+        for k in kernels.runnable_kernels():
+            if k["out_dtype"] != want or spec.group % k["tile_k"] or spec.outliers % (k["tile_k"] // 2):
+                continue
+            for split in ([1, 3] if k["split_k"] else [1]):
+                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                kernels.w4a4_gemm(a, w, dtype, res, kernel=k["name"], split_k=split, out=out)
+                torch.cuda.synchronize()
+                nb = compare(out, ref, dtype)[2]
+                bad += nb
+                print(f"sanitize {k['name']} split={split} M={m} N={n} {spec}: {'ok' if not nb else f'{nb} BAD'}")
+    print("sanitize done", "FAIL" if bad else "ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    if "--sanitize" in sys.argv:
+        raise SystemExit(sanitize_main())

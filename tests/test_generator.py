@@ -1,0 +1,272 @@
+"""CPU tests of the kernel generator: configs, names, manifest, dispatch, rendering, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from generator import ConfigError, KernelConfig, Manifest, default_manifest, emit, write_if_changed
+from generator.cli import main as cli_main
+from generator.configs import ARCHS
+from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
+from generator.manifest import LARGE, SMALL, level_configs, model_shapes, outliers_for
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_ARCHS = ("sm80", "sm86", "sm89", "sm90a")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_names_unique_deterministic_and_roundtrip():
+    m = default_manifest(BUILD_ARCHS, level=2)
+    names = m.names()
+    assert len(names) == len(set(names)) > 50
+    assert names == default_manifest(BUILD_ARCHS, level=2).names()
+    for c in m.configs():
+        assert KernelConfig.from_name(c.name) == c
+        assert c.name.isidentifier()  # used as a C++ symbol and a file name
+
+
+def test_name_spells_every_parameter():
+    c = LARGE.replace(arch="sm89", group=128, outliers=128, out_dtype="bf16")
+    assert c.name == "atom_w4a4_mma_sm89_t128x128x64_w64x32_s4_g128_o128_bf16"
+    assert SMALL.name == "atom_w4a4_mma_sm80_t16x64x64_w16x16_s6_sk_gany_oany_f16"
+    variants = {LARGE.replace(**kw).name for kw in (
+        {}, {"stages": 3}, {"tile_m": 64}, {"warp_n": 16}, {"split_k": True}, {"group": 64},
+        {"outliers": 0}, {"out_dtype": "bf16"}, {"arch": "sm86"}, {"tile_k": 128})}
+    assert len(variants) == 10
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"tile_m": 100}, "multiple of the warp tile"),
+    ({"warp_m": 24, "tile_m": 48}, "multiple of 16x16"),
+    ({"tile_k": 96}, "multiple of 64"),
+    ({"group": 96}, "group=96"),
+    ({"outliers": 48}, "outliers=48"),
+    ({"stages": 1}, "stages=1"),
+    ({"warp_m": 64, "warp_n": 64}, "accumulator"),
+    ({"tile_m": 256, "tile_n": 256, "stages": 8, "tile_k": 128}, "shared memory"),
+    ({"arch": "sm75"}, "unknown arch"),
+    ({"family": "wgmma", "arch": "sm90a", "schedule": "cooperative"}, "not implemented"),
+    ({"family": "wgmma", "arch": "sm80"}, "does not run on sm80"),
+    ({"out_dtype": "f32"}, "out_dtype"),
+    ({"cluster": (2, 1, 1)}, "cluster"),
+])
+def test_impossible_configs_raise(kw, why):
+    with pytest.raises(ConfigError, match=why):
+        LARGE.replace(**kw).validate()
+
+
+def test_smem_limit_depends_on_arch():
+    big = LARGE.replace(tile_m=256, tile_n=128, warp_m=64, warp_n=32, stages=4, tile_k=128)
+    assert 101376 < big.smem_bytes <= 166912
+    big.replace(arch="sm80").validate()
+    with pytest.raises(ConfigError, match="shared memory"):
+        big.replace(arch="sm89").validate()
+
+
+def test_bad_name_rejected():
+    with pytest.raises(ConfigError, match="not a kernel name"):
+        KernelConfig.from_name("atom_w4a4_mma_sm80_bogus")
+
+
+# ---------------------------------------------------------------------------- manifest
+
+def test_manifest_dedups_and_logs_culls(caplog):
+    m = Manifest(["sm80"])
+    assert m.append(LARGE)
+    with caplog.at_level("INFO", logger="generator"):
+        assert not m.append(LARGE)
+        assert not m.append(LARGE.replace(arch="sm89"))
+        assert not m.append(LARGE.replace(tile_k=96), strict=False)
+    assert [w for _, w in m.culled][:2] == ["duplicate", "arch sm89 not selected"]
+    assert "multiple of 64" in m.culled[2][1]
+    assert "cull" in caplog.text
+    with pytest.raises(ConfigError):
+        m.append(LARGE.replace(tile_k=96))
+    assert len(m) == 1
+
+
+def test_default_manifest_is_small_and_levels_grow():
+    m0 = default_manifest(["sm80"])
+    assert len(m0) == 4  # large + small split-K, fp16 + bf16: what CI compiles
+    assert {c.out_dtype for c in m0.configs()} == {"f16", "bf16"}
+    m1 = default_manifest(["sm80"], level=1)
+    m2 = default_manifest(["sm80"], level=2)
+    assert len(m0) < len(m1) < len(m2)
+    assert m2.culled  # the cross product has impossible members, culled with a reason
+    with pytest.raises(ConfigError, match="level"):
+        level_configs(-1)
+
+
+def test_unknown_arch_is_an_error():
+    with pytest.raises(ConfigError, match="unknown arch 'sm70'"):
+        Manifest(["sm70"])
+
+
+@pytest.mark.parametrize("model", ["llama-7b", "llama-2-13b", "llama-3-8b", "smollm2-135m"])
+def test_model_shapes_are_covered(model):
+    shapes = model_shapes(model)
+    assert {s.layer for s in shapes} == {"qkv", "o", "gate_up", "down"}
+    m = default_manifest(["sm89"], shapes=shapes)
+    for s, g, o, names in m.coverage():
+        assert names, f"{s} not covered"
+
+
+def test_model_from_hf_config_json(tmp_path):
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 1024,
+           "intermediate_size": 2816, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    shapes = {s.layer: (s.n, s.k) for s in model_shapes(str(p))}
+    assert shapes == {"qkv": (1024 + 2 * 256, 1024), "o": (1024, 1024), "gate_up": (5632, 1024), "down": (1024, 2816)}
+    with pytest.raises(ConfigError, match="unknown model"):
+        model_shapes("llama-1b-nope")
+
+
+def test_outlier_rule_matches_formats():
+    formats = pytest.importorskip("atom_ops.formats")
+    for k in (576, 1536, 4096, 5120, 11008, 13824, 14336, 640, 704):
+        for g in (64, 128):
+            for req in (0, 64, 128, 256):
+                try:
+                    want = formats.choose_outliers(k, g, req)
+                except formats.FormatError:
+                    with pytest.raises(ConfigError):
+                        outliers_for(k, g, req)
+                    continue
+                assert outliers_for(k, g, req) == want
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+def test_dispatch_rules_are_checked():
+    s, l = SMALL, LARGE
+    check_rules([DispatchRule(16, s, 4), DispatchRule(None, l)], "ok")
+    with pytest.raises(ConfigError, match="last rule"):
+        check_rules([DispatchRule(16, s)], "t")
+    with pytest.raises(ConfigError, match="increase"):
+        check_rules([DispatchRule(64, s), DispatchRule(16, s), DispatchRule(None, l)], "t")
+    with pytest.raises(ConfigError, match="not built with split-K"):
+        check_rules([DispatchRule(None, l, 4)], "t")
+    assert [r.max_m for r in default_dispatch("sm89").rules] == [16, 128, None]
+
+
+def test_tuning_table(tmp_path):
+    small = SMALL.replace(arch="sm89")
+    mid = LARGE.replace(arch="sm89", tile_m=64, warp_m=32, stages=3)
+    table = {"schema_version": 1, "gpu": "test", "archs": {"sm89": {
+        "rules": [{"max_m": 8, "kernel": small.name, "split_k": 8}, {"max_m": None, "kernel": mid.name}],
+        "shapes": [{"n": 4096, "k": 4096, "rules": [{"max_m": None, "kernel": small.name, "split_k": 2}]}]}}}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(table))
+    d = load_tuning(p)
+    m = default_manifest(["sm89"], dispatch=d)
+    # only the table's kernels plus the safe fallback, in both dtypes
+    assert set(m.names()) == {c.replace(out_dtype=dt).name for c in (small, mid, LARGE.replace(arch="sm89"))
+                              for dt in ("f16", "bf16")}
+    emit(m, tmp_path / "gen", d)
+    reg = (tmp_path / "gen" / "sm89" / "registry.cpp").read_text()
+    assert "if (N == 4096 && K == 4096)" in reg and f'if (M <= 8) return {{"{small.name}", 8}};' in reg
+    bad = dict(table, schema_version=7)
+    p.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="schema_version"):
+        load_tuning(p)
+    table["archs"]["sm89"]["rules"][0]["kernel"] = LARGE.replace(arch="sm80").name
+    p.write_text(json.dumps(table))
+    with pytest.raises(ConfigError, match="not sm89"):
+        load_tuning(p)
+
+
+# ----------------------------------------------------------------------------- emit
+
+def test_emit_byte_identical_and_write_if_changed(tmp_path):
+    out = tmp_path / "gen"
+    m = default_manifest(["sm80", "sm90a"])
+    r1 = emit(m, out)
+    first = snapshot(out)
+    assert "sources.cmake" in first and "sm80/registry.cpp" in first
+    for name in m.names():
+        arch = name.split("_")[3]
+        text = first[f"{arch}/{name}.cu"].decode()
+        assert text.startswith("// Generated by `python -m generator`") and "Do not edit" in text
+    mtimes = {p: os.stat(out / p).st_mtime_ns for p in first}
+    time.sleep(0.01)
+    r2 = emit(default_manifest(["sm80", "sm90a"]), out)
+    assert r2["written"] == [] and r2["unchanged"] == len(r1["written"])
+    assert snapshot(out) == first
+    assert {p: os.stat(out / p).st_mtime_ns for p in first} == mtimes
+
+
+def test_emit_removes_stale_files_by_name(tmp_path):
+    out = tmp_path / "gen"
+    emit(default_manifest(["sm80", "sm89"], level=1), out)
+    keep = out / "sm80" / "notes.cu"
+    keep.write_text("// hand-written, not generated\n")
+    res = emit(default_manifest(["sm80"]), out)
+    assert keep.exists()  # not generated: never removed
+    assert not list((out / "sm89").glob("*.cu"))
+    assert len(list((out / "sm80").glob("atom_*.cu"))) == 4
+    assert res["removed"]
+
+
+def test_write_if_changed(tmp_path):
+    p = tmp_path / "a" / "f.txt"
+    assert write_if_changed(p, "x")
+    t = os.stat(p).st_mtime_ns
+    assert not write_if_changed(p, "x")
+    assert os.stat(p).st_mtime_ns == t
+    assert write_if_changed(p, "y") and p.read_text() == "y"
+
+
+def test_strict_undefined_templates():
+    import jinja2
+    from generator.render import render
+    with pytest.raises(jinja2.UndefinedError):
+        render("kernel_mma.cu.j2")
+
+
+# ------------------------------------------------------------------------------- CLI
+
+def test_cli_list(capsys, tmp_path):
+    assert cli_main(["--arch", "sm80", "89", "--model", "smollm2-135m", "--list", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "atom_w4a4_mma_sm80_t128x128x64_w64x32_s4_gany_oany_f16" in out and "sm89" in out
+    assert "shape smollm2-135m/qkv N=960 K=576" in out
+    assert not any(tmp_path.iterdir())  # --list writes nothing
+
+
+def test_cli_errors(capsys, tmp_path):
+    assert cli_main(["--arch", "sm75", "--out", str(tmp_path)]) == 2
+    assert "unknown arch" in capsys.readouterr().err
+    assert cli_main(["--arch", "sm80", "--tuning", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli_main(["--arch", "sm80", "--model", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_help_documents_every_flag():
+    r = subprocess.run([sys.executable, "-m", "generator", "--help"], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+    for flag in ("--arch", "--model", "--level", "--tuning", "--out", "--list", "--verbose"):
+        assert flag in r.stdout
+    assert all(a in r.stdout for a in ARCHS)
+
+
+def test_cli_writes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "generator", "--arch", "80;89", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["archs"] == ["sm80", "sm89"] and len(data["kernels"]) == 8
+    cm = (tmp_path / "sources.cmake").read_text()
+    assert "ATOM_SOURCES_sm89" in cm and "compute_80,code=[sm_80,compute_80]" in cm

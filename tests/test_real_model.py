@@ -1,0 +1,89 @@
+"""The Atom pipeline on the shipped SmolLM2-135M (CPU): the ablation ladder and the saved checkpoint.
+
+Small protocol so CI stays fast: 4 x 1024 calibration tokens from the end of WikiText-2, 2 x 1024
+evaluation windows from its start. The README's figures come from the full protocol
+(`python -m models ablate`).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from models.ablation import run_ladder
+from models.recipe import ablation_ladder
+
+
+@pytest.fixture(scope="module")
+def ladder(smollm2, wikitext_split):
+    model = smollm2[0]
+    rows = ablation_ladder(128)[:7]  # FP16 .. + KV4
+    split = type(wikitext_split)(wikitext_split.eval_windows[:2], wikitext_split.calib_windows,
+                                 wikitext_split.total_tokens)
+    return {r["name"]: r["ppl"] for r in run_ladder(model, split, rows=rows, progress=False)}
+
+
+def test_ladder_each_technique_helps(ladder):
+    ppl = list(ladder.values())
+    fp, rtn, mixed, grouped, clipped, gptq, kv4 = ppl
+    assert rtn > 10 * fp, ladder             # plain per-channel W4A4 breaks the model
+    assert mixed < rtn / 5, ladder           # INT8 outlier channels rescue it
+    assert grouped < mixed, ladder           # g128 groups help
+    assert clipped < grouped * 1.02, ladder  # clipping: better or within noise
+    assert gptq < clipped * 1.05, ladder     # GPTQ: better or within noise on this small calibration
+    assert kv4 < gptq * 1.3, ladder          # INT4 KV costs a little (+13% on the full text)
+    assert min(ppl[1:]) > fp, ladder         # and nothing beats floating point
+
+
+def test_quantize_save_load_generate(smollm2, wikitext_split, tmp_path):
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.generate import generate
+    from models.quantize import quantize_model
+    from models.recipe import ATOM
+
+    model, tok, _ = smollm2
+    q = copy.deepcopy(model)
+    report = quantize_model(q, wikitext_split.calib_windows[:1, :256], ATOM, progress=False)
+    assert {(r.k, r.group, r.outliers) for r in report.layers} == {(576, 128, 64), (1536, 128, 128)}
+    ckpt = save_checkpoint(tmp_path / "ckpt", q, tok, report)
+    loaded, tok2, meta = load_checkpoint(ckpt)
+    ids = wikitext_split.eval_windows[:1, :64]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), q(ids))
+    assert tok2.encode("The capital of France") == tok.encode("The capital of France")
+    text, n = generate(loaded, tok2, "The capital of France is", max_new_tokens=4)
+    assert n > 0 and isinstance(text, str)
+
+
+def test_zero_shot_task_files_parse(wikitext_split):
+    import json
+
+    from models.data import ZEROSHOT_DIR, data_dir
+    from models.eval import ZERO_SHOT_TASKS, _task_items
+
+    for task in ZERO_SHOT_TASKS:
+        records = json.loads((data_dir() / ZEROSHOT_DIR / f"{task}.json").read_text(encoding="utf-8"))
+        items = list(_task_items(task, records))
+        assert len(items) == len(records), task
+        for ctx, conts, gold in items:
+            assert 2 <= len(conts) <= 5 and 0 <= gold < len(conts), (task, ctx)
+            assert all(c.strip() for c in conts), (task, ctx)
+
+
+def test_zero_shot_scores_the_real_model(smollm2, wikitext_split):
+    from models.eval import zero_shot
+
+    model, tok, _ = smollm2
+    r = zero_shot(model, tok, "piqa", limit=6, progress=False)
+    assert r["n"] == 6 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
+
+
+def test_cli_reports_missing_data_cleanly(tmp_path, capsys):
+    from models.__main__ import main
+
+    rc = main(["eval", "--model", str(tmp_path / "missing.gguf"), "--windows", "1"])
+    assert rc == 2
+    assert "missing.gguf" in capsys.readouterr().err
+    rc = main(["eval", "--data-dir", str(tmp_path / "nodata"), "--windows", "1"])
+    assert rc == 2
+    assert "nodata" in capsys.readouterr().err
