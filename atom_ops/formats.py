@@ -36,16 +36,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .rules import FormatError, choose_outliers  # noqa: F401  (re-exported)
+
 INT4_MAX = 7
 INT8_MAX = 127
 UINT4_MAX = 15
 SCALE_DTYPE = torch.float16
 # Outlier dots must stay exact in the float32 reference: O * 127 * 128 < 2^24.
 MAX_OUTLIERS = 1024
-
-
-class FormatError(ValueError):
-    """A tensor or setting does not match the packed format."""
 
 
 @dataclass(frozen=True)
@@ -80,24 +78,6 @@ class QuantSpec:
     @property
     def scale_columns(self) -> int:
         return self.normal_groups + (1 if self.outliers else 0)
-
-
-def choose_outliers(k: int, group: int, requested: int) -> int:
-    """The outlier count for a layer with K input channels.
-
-    Rule: start from K mod group (the channels that do not fill a whole group must be
-    outliers), then add whole groups while the total stays <= ``requested``. So with
-    requested=128: K=576, g=128 -> 64; K=1536, g=128 -> 128; K=576, g=64 -> 128; and
-    requested=0 gives 0 whenever K is a multiple of the group.
-    """
-    if group <= 0 or k <= 0 or requested < 0:
-        raise FormatError(f"choose_outliers: bad arguments k={k}, group={group}, requested={requested}")
-    count = k % group
-    while count + group <= requested and k - (count + group) >= group:
-        count += group
-    if k - count < group:
-        raise FormatError(f"K={k} leaves no whole group of {group} after {count} outliers")
-    return count
 
 
 # ----------------------------------------------------------------------------- packing

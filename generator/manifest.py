@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from .configs import ARCHS, ConfigError, KernelConfig, OUT_DTYPES, arch_info
-from .paths import MODELS_CONFIG
+from .paths import FORMAT_RULES, MODELS_CONFIG
 
 log = logging.getLogger("generator")
 
@@ -53,27 +53,29 @@ class Shape:
     k: int
 
 
-def outliers_for(k: int, group: int, requested: int) -> int:
-    """Same rule as atom_ops.formats.choose_outliers (kept torch-free for the build; a test
-    checks they agree)."""
-    count = k % group
-    while count + group <= requested and k - (count + group) >= group:
-        count += group
-    if k - count < group:
-        raise ConfigError(f"K={k} leaves no whole group of {group} after {count} outliers")
-    return count
-
-
-def _load_models_config():
-    """models/config.py without importing the models package (which may need torch)."""
-    name = "_atom_models_config"
+def _load_by_path(name: str, path):
+    """A torch-free module of another package, loaded from its file so that package's
+    __init__ (which imports torch) never runs: the generator must work in a bare build env."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, MODELS_CONFIG)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_models_config():
+    return _load_by_path("_atom_models_config", MODELS_CONFIG)
+
+
+def outliers_for(k: int, group: int, requested: int) -> int:
+    """atom_ops' outlier rule (atom_ops/rules.py), raising the generator's ConfigError."""
+    rules = _load_by_path("_atom_ops_rules", FORMAT_RULES)
+    try:
+        return rules.choose_outliers(k, group, requested)
+    except rules.FormatError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_shapes(model: str) -> list[Shape]:

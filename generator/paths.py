@@ -8,3 +8,4 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
 DEFAULT_OUT = REPO / "build" / "generated"
 MODELS_CONFIG = REPO / "models" / "config.py"
+FORMAT_RULES = REPO / "atom_ops" / "rules.py"

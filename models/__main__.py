@@ -44,7 +44,7 @@ def _load_any(path: str | None, device: str):
 def _recipe_from_args(a) -> Recipe:
     return replace(ATOM, group=a.group, outliers=a.outliers, reorder=not a.no_reorder,
                    act_clip=a.act_clip, weight_clip=a.weight_clip, clip_search=a.clip_search,
-                   gptq=not a.no_gptq, kv_bits=a.kv_bits, calib_samples=a.calib_samples,
+                   gptq=not a.no_gptq, gptq_order=a.gptq_order, kv_bits=a.kv_bits, calib_samples=a.calib_samples,
                    calib_seqlen=a.calib_seqlen)
 
 
@@ -102,11 +102,19 @@ def cmd_eval(a) -> int:
 def cmd_ablate(a) -> int:
     from .ablation import run_ladder, to_markdown, write_results
     from .loading import load_model
+    from .recipe import ablation_ladder
 
     device = _device(a.device)
     model, tok, _ = load_model(a.model, device=device)
     split = split_text(wikitext_ids(tok, a.data_dir), a.seqlen, a.calib_samples)
-    rows = run_ladder(model, split, groups=a.groups, windows=a.windows or None)
+    rows = None
+    if a.rows:
+        ladder = [(n, r) for g in a.groups for n, r in ablation_ladder(g)]
+        rows = [(n, r) for n, r in ladder if n in a.rows]
+        unknown = set(a.rows) - {n for n, _ in rows}
+        if unknown:
+            raise ValueError(f"unknown ladder rows {sorted(unknown)}; known: {[n for n, _ in ladder]}")
+    rows = run_ladder(model, split, groups=a.groups, windows=a.windows or None, rows=rows)
     protocol = split.protocol() | {
         "windows_evaluated": min(a.windows or split.eval_windows.shape[0], split.eval_windows.shape[0]),
         "full_text": not a.windows or a.windows >= split.eval_windows.shape[0],
@@ -155,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-clip", type=float, default=ATOM.weight_clip)
     q.add_argument("--clip-search", action="store_true", help="search the weight clip ratio per layer")
     q.add_argument("--no-gptq", action="store_true", help="round-to-nearest weights instead of GPTQ")
+    q.add_argument("--gptq-order", default=ATOM.gptq_order, choices=("ascending", "descending"),
+                   help="GPTQ column walk over the reordered layout: as stored (outliers last) or from the outlier end")
     q.add_argument("--kv-bits", type=int, default=ATOM.kv_bits, choices=(4, 16))
     q.add_argument("--eval-windows", type=int, default=0,
                    help="after quantizing, compare FP vs quantized perplexity on this many 2048-token windows")
@@ -175,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--groups", type=int, nargs="+", default=[128, 64])
     b.add_argument("--windows", type=int, default=0, help="evaluation windows (0 = all)")
     b.add_argument("--seqlen", type=int, default=2048)
+    b.add_argument("--rows", nargs="+", default=None, help="run only these ladder rows (by name)")
     b.add_argument("--out", default="bench/results/ablation_smollm2.json")
     b.set_defaults(func=cmd_ablate)
 

@@ -48,10 +48,11 @@ def run_ladder(model, split, groups=(128,), windows: int | None = None, progress
 
 
 def to_markdown(rows: list[dict]) -> str:
-    base = rows[0]["ppl"]
+    base = next((r["ppl"] for r in rows if r["recipe"] is None), None)
     lines = ["| method | WikiText-2 ppl | vs FP16 |", "|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.1f}% |")
+        rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else "n/a"
+        lines.append(f"| {r['name']} | {r['ppl']:.3f} | {rel} |")
     return "\n".join(lines)
 
 

@@ -49,8 +49,30 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, clip: float,
-                  block: int = 128, damp: float = 0.01) -> QuantizedTensor:
-    """GPTQ on a reordered [N, K] weight with the matching [K, K] Hessian (sum of x x^T)."""
+                  block: int = 128, damp: float = 0.01, order: str = "ascending") -> QuantizedTensor:
+    """GPTQ on a reordered [N, K] weight with the matching [K, K] Hessian (sum of x x^T).
+
+    ``order`` is the column order GPTQ walks in: "ascending" is the reordered layout as stored
+    (outlier group last, Atom's choice); "descending" walks it from the outlier end, so the
+    largest-activation channels are quantized first and later columns absorb their error (the
+    idea of GPTQ's act-order). Groups are contiguous either way, so the format is unchanged.
+    """
+    if order not in ("ascending", "descending"):
+        raise ValueError(f"GPTQ order must be 'ascending' or 'descending', got {order!r}")
+    groups = list(_groups(spec))  # (start, size, bits, clip_applies) in storage order
+    if order == "descending":
+        k = spec.k
+        walk = [(k - start - size, size, bits, use_clip) for start, size, bits, use_clip in reversed(groups)]
+        cols = torch.arange(k - 1, -1, -1, device=w.device)
+        q, scales = _gptq_walk(w[:, cols], hessian[cols][:, cols], walk, clip, block, damp)
+        return pack_weight(q[:, cols], scales.flip(1), spec)
+    q, scales = _gptq_walk(w, hessian, groups, clip, block, damp)
+    return pack_weight(q, scales, spec)
+
+
+def _gptq_walk(w: torch.Tensor, hessian: torch.Tensor, groups, clip: float, block: int, damp: float):
+    """The GPTQ column walk over ``groups`` (start, size, bits, clip_applies) in walk order.
+    Returns int8 values [N, K] and one fp16 scale column per group, both in walk order."""
     W = w.detach().clone().float()
     H = hessian.detach().clone().double()
     n, k = W.shape
@@ -62,11 +84,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, clip:
     H += torch.eye(k, dtype=H.dtype, device=H.device) * (damp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
 
-    starts = {s: (size, bits, use_clip) for s, size, bits, use_clip in _groups(spec)}
+    starts = {s: (i, size, bits, use_clip) for i, (s, size, bits, use_clip) in enumerate(groups)}
     Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
-    scales = torch.zeros(n, spec.scale_columns, dtype=formats.SCALE_DTYPE, device=W.device)
+    scales = torch.zeros(n, len(groups), dtype=formats.SCALE_DTYPE, device=W.device)
     scale = qmax = None
-    col_of_group = {s: i for i, s in enumerate(starts)}
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].clone()
@@ -75,12 +96,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, clip:
         for i in range(i2 - i1):
             col = i1 + i
             if col in starts:
-                size, bits, use_clip = starts[col]
+                gi, size, bits, use_clip = starts[col]
                 qmax = 2 ** (bits - 1) - 1
                 # current values of the group: updated ones inside this block, lazily stale ones after it
                 group_now = torch.cat([W1[:, i: min(i + size, i2 - i1)], W[:, i2: col + size]], dim=1)
                 scale = formats.symmetric_scale(group_now, qmax, clip if use_clip else 1.0)
-                scales[:, col_of_group[col]] = scale
+                scales[:, gi] = scale
             wcol = W1[:, i]
             q = formats.quantize_with_scale(wcol, scale, qmax)
             Q[:, col] = q
@@ -88,4 +109,4 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, clip:
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return pack_weight(Q, scales, spec)
+    return Q, scales

@@ -117,7 +117,7 @@ def _quantize_group(lins: list[nn.Linear], stats: _InputStats, perm: torch.Tenso
     if recipe.w_bits == 8:  # W8A8 reference: per-channel INT8 weights, simulated
         wq, qt = formats.fake_quantize(w_r, 8, k, clip), None
     elif recipe.gptq:
-        qt = gptq.gptq_quantize(w_r, h_r, spec, clip, recipe.gptq_block, recipe.gptq_damp)
+        qt = gptq.gptq_quantize(w_r, h_r, spec, clip, recipe.gptq_block, recipe.gptq_damp, recipe.gptq_order)
         wq = qt.dequantize()
     else:
         qt = gptq.rtn_quantize(w_r, spec, clip)

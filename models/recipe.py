@@ -25,6 +25,7 @@ class Recipe:
     gptq: bool = True
     gptq_block: int = 128
     gptq_damp: float = 0.01
+    gptq_order: str = "ascending"   # walk the reordered layout as stored, or "descending" (outliers first)
     kv_bits: int = 4                # 16 = fp KV cache
     kv_group: int = 128             # asymmetric INT4 along head_dim; min(kv_group, head_dim)
     calib_samples: int = 16
@@ -37,6 +38,8 @@ class Recipe:
             raise ValueError("outlier channels need reorder=True (they are found by reordering)")
         if self.group not in (PER_CHANNEL, 32, 64, 128, 256):
             raise ValueError(f"group must be 0 (per channel), 32, 64, 128 or 256; got {self.group}")
+        if self.gptq_order not in ("ascending", "descending"):
+            raise ValueError(f"gptq_order must be 'ascending' or 'descending', got {self.gptq_order!r}")
         for name in ("act_clip", "weight_clip"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1]")
