@@ -133,3 +133,82 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
                       ws.data_ptr() if ws is not None else 0, m, n, spec.k, spec.group, spec.outliers, code, split,
                       stream)
     return out
+
+
+# ----------------------------------------------------------------------- int8 family
+# A plain CUTLASS INT8 GEMM emitted by our generator (no groups, no scales): the GEMM
+# benchmark's ceiling for the W4A4 kernels, not a model op. out = a @ b.T exactly (int32).
+# Requirements: a [M, K] and b [N, K] int8, contiguous, on the same CUDA device, K % 16 == 0,
+# N % 16 == 0, base pointers 16-byte aligned; any M >= 1.
+INT8_ALIGN = 16
+
+
+def int8_kernels_info() -> list[dict]:
+    """Metadata of the compiled int8-family kernels ([] without the extension)."""
+    ext = extension()
+    return list(ext.int8_kernels()) if ext is not None and hasattr(ext, "int8_kernels") else []
+
+
+def _check_int8_args(a: torch.Tensor, b: torch.Tensor, out) -> None:
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"int8_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int8:
+            raise FormatError(f"int8_gemm: {name} must be int8, got {t.dtype}")
+        if t.dim() != 2:
+            raise FormatError(f"int8_gemm: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_cuda:
+            raise FormatError(f"int8_gemm: {name} must be a CUDA tensor (the kernel is GPU-only), got {t.device}")
+        if not t.is_contiguous():
+            raise FormatError(f"int8_gemm: {name} must be contiguous (b is the weight [N, K], row-major)")
+        if t.data_ptr() % 16:
+            raise FormatError(f"int8_gemm: {name} must be 16-byte aligned (pass a fresh tensor, not a slice)")
+    if a.device != b.device:
+        raise FormatError(f"int8_gemm: a is on {a.device}, b on {b.device}")
+    (m, k), (n, kb) = a.shape, b.shape
+    if k != kb:
+        raise FormatError(f"int8_gemm: a is [M={m}, K={k}] but b is [N={n}, K={kb}] (b must be [N, K])")
+    if m < 1 or n < 1 or k < 1:
+        raise FormatError(f"int8_gemm: empty problem M={m}, N={n}, K={k}")
+    if k % INT8_ALIGN:
+        raise FormatError(f"int8_gemm needs K % {INT8_ALIGN} == 0, got K={k}")
+    if n % INT8_ALIGN:
+        raise FormatError(f"int8_gemm needs N % {INT8_ALIGN} == 0, got N={n}")
+    if out is not None and (out.shape != (m, n) or out.dtype != torch.int32 or out.device != a.device
+                            or not out.is_contiguous() or out.data_ptr() % 16):
+        raise FormatError(f"int8_gemm: out must be a contiguous, 16-byte aligned int32 [{m}, {n}] tensor on {a.device}")
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[M, N] int32 = a[M, K] int8 @ b[N, K]^T int8 with a compiled int8-family kernel
+    (``kernel`` forces one by name; None = the best one compiled for this GPU). Raises
+    FormatError on bad arguments or when no int8 kernel runs here (no CPU fallback)."""
+    _check_int8_args(a, b, out)
+    ext = extension()
+    if ext is None or not hasattr(ext, "int8_gemm"):
+        raise FormatError("int8_gemm needs the compiled extension atom_ops._C (with the int8 family)")
+    m, k = a.shape
+    n = b.shape[0]
+    dev = a.device
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        try:
+            ext.int8_gemm(kernel or "", a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, stream)
+        except ValueError as e:  # no int8 kernel for this GPU, unknown name, unsupported shape
+            raise FormatError(str(e)) from None
+    return out
+
+
+def int8_kernel_for(m: int, n: int, k: int, kernel: str | None = None, device=None) -> str:
+    """Name of the int8 kernel that ``int8_gemm`` runs for this shape (FormatError if none)."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "int8_plan"):
+        raise FormatError("int8_gemm needs the compiled extension atom_ops._C (with the int8 family)")
+    cc = _device_cc(torch.device(device or "cuda").index or torch.cuda.current_device())
+    try:
+        return ext.int8_plan(kernel or "", m, n, k, cc)
+    except ValueError as e:
+        raise FormatError(str(e)) from None

@@ -1,6 +1,7 @@
 """W4A4 GEMM benchmark: our kernels vs torch fp16, torch FP8 ``_scaled_mm`` (rowwise),
-``torch._int_mm`` and torch's W4A16 ``_weight_int4pack_mm`` (g128), side by side in one
-process on the same shapes.
+``torch._int_mm``, torch's W4A16 ``_weight_int4pack_mm`` (g128) and ``cutlass_int8`` (the plain
+CUTLASS INT8 GEMM of our generator's int8 family, no groups: the ceiling our groups cost
+against), side by side in one process on the same shapes.
 
     python -m bench.gemm [--models llama-7b llama-3-8b smollm2-135m] [--m 1 16 64 256 1024 4096 8192]
                          [--iters 20] [--kernel NAME] [--graph] [--out bench/results] [--tag h100]
@@ -27,7 +28,7 @@ from bench.common import RESULTS, L2Flusher, command_line, print_table, time_cud
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096, 8192)
-IMPLS = ("atom", "torch_fp16", "torch_fp8", "torch_int_mm", "torch_w4a16")
+IMPLS = ("atom", "torch_fp16", "torch_fp8", "torch_int_mm", "cutlass_int8", "torch_w4a16")
 
 
 def model_shapes(name: str):
@@ -67,6 +68,19 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
             out["torch_int_mm"] = time_cuda(fn, iters, flush=flush, graph=graph)
         except RuntimeError as e:
             out["torch_int_mm"] = {"error": str(e).splitlines()[0][:160]}
+    if "cutlass_int8" in impls:
+        # Our generator's int8 family: int8 x int8 -> int32, exact, no scales (atom_ops.kernels.int8_gemm).
+        try:
+            xi = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+            wi = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+            yi = torch.empty((m, n), device=dev, dtype=torch.int32)
+            fn = lambda: kernels.int8_gemm(xi, wi, out=yi)  # noqa: E731
+            fn()
+            r = time_cuda(fn, iters, flush=flush, graph=graph)
+            r["kernel"] = kernels.int8_kernel_for(m, n, k)
+            out["cutlass_int8"] = r
+        except (RuntimeError, formats.FormatError) as e:
+            out["cutlass_int8"] = {"error": str(e).splitlines()[0][:160]}
     if "torch_w4a16" in impls:
         # What a torch user picks for 4-bit weights: tinygemm W4A16 (bf16 activations, g128).
         try:
@@ -182,13 +196,16 @@ def main(argv=None) -> int:
                 fp16 = res.get("torch_fp16", {}).get("median_us")
                 at = res.get("atom", {}).get("median_us")
                 trow["atom_vs_fp16"] = f"{fp16 / at:.2f}x" if fp16 and at else "-"
+                i8 = res.get("cutlass_int8", {}).get("median_us")
+                trow["atom_vs_int8"] = f"{i8 / at:.2f}x" if i8 and at else "-"
                 table.append(trow)
                 print(f"{model} {layer} M={m}: " + ", ".join(f"{i}={trow.get(i + '_us')}" for i in res), flush=True)
     tag = args.tag or torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
     args.out.mkdir(parents=True, exist_ok=True)
     jpath = write_json(args.out / f"gemm_{tag}.json", "gemm", rows, command_line("bench.gemm"),
-                       kernels=kernels.kernel_names())
-    cols = ["model", "layer", "M", "N", "K"] + [i + "_us" for i in args.impls] + ["atom_vs_fp16"]
+                       kernels=kernels.kernel_names(),
+                       int8_kernels=[k["name"] for k in kernels.int8_kernels_info()])
+    cols = ["model", "layer", "M", "N", "K"] + [i + "_us" for i in args.impls] + ["atom_vs_fp16", "atom_vs_int8"]
     text = print_table(table, cols)
     (args.out / f"gemm_{tag}.txt").write_text(text + "\n")
     png = plot(rows, args.out / f"gemm_{tag}.png")

@@ -10,6 +10,8 @@ Families:
            (INT4 mma is emulated on Hopper: correct, slow).
     wgmma  reserved for the Hopper fast path (issue 6): INT8 wgmma, in-register INT4 unpack.
            Not implemented here; configs of this family are rejected with a clear error.
+    int8   not a W4A4 kernel: the plain CUTLASS INT8 GEMM (no groups) that bench/gemm.py uses as
+           the ceiling; its own ``Int8GemmConfig`` and ABI (bottom of this file).
 """
 
 from __future__ import annotations
@@ -204,3 +206,98 @@ def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
 # Family-specific validation, called by KernelConfig.validate after the common checks. A new
 # family (the Hopper "wgmma" one) registers its function here and in IMPLEMENTED_FAMILIES.
 FAMILY_CHECKS = {"mma": _check_mma}
+
+
+# --------------------------------------------------------------------------- int8 family
+# The "int8" family is not a W4A4 kernel: it is the plain CUTLASS INT8 GEMM (no groups, no
+# outliers, no scales) that the GEMM bench uses as the ceiling our groups cost against.
+#     out[M, N] (int32) = a[M, K] (int8, row-major) . b[N, K]^T (int8, row-major = K x N column-major)
+# exact int32 accumulation, LinearCombination epilogue with alpha = 1, beta = 0 (no C read).
+# It has its own small ABI (Int8GemmArgs in atom_w4a4_api.h) and kernel table, so the W4A4
+# dispatch, the torch op and the W4A4 tests never see it.
+#   sm80:  CUTLASS 2.x device::Gemm, OpClassTensorOp Sm80, mma.sync m16n8k32 s8, multistage
+#          (PTX-carrying: also runs on sm86/89/90).
+#   sm90a: CUTLASS 3.x GemmUniversalAdapter, collective builders, TMA + wgmma, warp-specialized
+#          cooperative or ping-pong, thread-block cluster.
+INT8_SCHEDULES = {"sm80": ("multistage",), "sm90a": ("cooperative", "pingpong")}
+INT8_ALIGN = 16  # K % 16 == 0 and N % 16 == 0 (16-byte rows of A/B for cp.async / TMA, 4 int32 per output vector)
+
+
+@dataclass(frozen=True, order=True)
+class Int8GemmConfig:
+    """One plain INT8 GEMM (the bench's ceiling). tile_k counts INT8 elements."""
+
+    arch: str
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    warp_m: int = 0         # sm80 only (warp tile); 0 for sm90a
+    warp_n: int = 0
+    stages: int = 0         # sm80: pipeline stages; sm90a: 0 = StageCountAutoCarveout
+    cluster: tuple[int, int, int] = (1, 1, 1)
+    schedule: str = "multistage"
+    family: str = "int8"
+    out_dtype: str = "i32"
+
+    @property
+    def name(self) -> str:
+        parts = [f"atom_int8_gemm_{self.arch}", f"t{self.tile_m}x{self.tile_n}x{self.tile_k}"]
+        if self.warp_m:
+            parts.append(f"w{self.warp_m}x{self.warp_n}")
+        parts.append(f"s{self.stages}" if self.stages else "sauto")
+        if self.cluster != (1, 1, 1):
+            parts.append("c" + "x".join(map(str, self.cluster)))
+        if self.schedule != "multistage":
+            parts.append(self.schedule)
+        parts.append(self.out_dtype)
+        return "_".join(parts)
+
+    def replace(self, **kw) -> "Int8GemmConfig":
+        return replace(self, **kw)
+
+    @property
+    def threads(self) -> int:
+        if self.arch == "sm90a":
+            return 384  # one producer + two consumer warp groups (both schedules)
+        return (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n) * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        """sm80: the multistage A/B tiles (the 3.x builder sizes its own stages)."""
+        return self.stages * (self.tile_m + self.tile_n) * self.tile_k
+
+    def validate(self) -> None:
+        def bad(why: str):
+            raise ConfigError(f"{self.name}: {why}")
+
+        info = arch_info(self.arch)
+        if self.arch not in INT8_SCHEDULES:
+            bad(f"the int8 family is built for {tuple(INT8_SCHEDULES)} only (sm80 code also runs on sm86/89/90)")
+        if self.out_dtype != "i32":
+            bad("the int8 family writes int32 only")
+        if self.schedule not in INT8_SCHEDULES[self.arch]:
+            bad(f"schedule {self.schedule!r} not in {INT8_SCHEDULES[self.arch]} for {self.arch}")
+        if self.arch == "sm80":
+            if self.cluster != (1, 1, 1):
+                bad("sm80 has no thread-block clusters")
+            if not self.warp_m or self.tile_m % self.warp_m or self.tile_n % self.warp_n:
+                bad("tile must be a multiple of the warp tile")
+            if self.warp_m % 16 or self.warp_n % 8 or self.tile_k % 32:
+                bad("warp tile must be a multiple of 16x8 and tile_k of 32 (mma m16n8k32)")
+            if not 32 <= self.threads <= 1024:
+                bad(f"{self.threads} threads per block")
+            if not 2 <= self.stages <= 8:
+                bad(f"stages={self.stages} (must be 2..8)")
+            if self.smem_bytes > info.smem_bytes:
+                bad(f"needs {self.smem_bytes} B of shared memory, {self.arch} allows {info.smem_bytes} B")
+        else:
+            if self.warp_m or self.warp_n:
+                bad("sm90a kernels have no warp tile (warp_m = warp_n = 0)")
+            if self.tile_m not in (64, 128, 256) or self.tile_n % 16 or not 16 <= self.tile_n <= 256:
+                bad("wgmma tile: tile_m in 64/128/256, tile_n a multiple of 16 up to 256")
+            if self.schedule == "cooperative" and self.tile_m < 128:
+                bad("the cooperative schedule needs tile_m >= 128")
+            if self.tile_k % 32:
+                bad("tile_k must be a multiple of 32 (wgmma k32 for int8)")
+            if self.cluster[2] != 1 or self.cluster[0] * self.cluster[1] > 4:
+                bad(f"cluster {self.cluster}: at most 4 CTAs, cluster_k = 1")

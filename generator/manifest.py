@@ -190,3 +190,25 @@ def default_manifest(archs, level: int = 0, shapes=(), dispatch=None) -> Manifes
                 if c.name not in {x.name for x in m.configs(arch)}:
                     m.append(c, strict=strict)
     return m
+
+
+# The int8 family (plain CUTLASS INT8 GEMM, the bench's ceiling; configs.Int8GemmConfig): one
+# kernel per arch that has one. Known-good CUTLASS configurations: sm80 = CUTLASS's
+# gemm_s8t_s8n_s32t_tensor_op_s32_sm80 unit test tile; sm90a = the one measured at ~1456 TOPS
+# on our H100 (DESIGN.md).
+from .configs import Int8GemmConfig  # noqa: E402
+
+INT8_DEFAULT = {
+    "sm80": (Int8GemmConfig("sm80", 128, 256, 64, 64, 64, 3),),
+    "sm90a": (Int8GemmConfig("sm90a", 128, 256, 128, cluster=(2, 1, 1), schedule="cooperative"),),
+}
+
+
+def int8_configs(arch: str) -> list[Int8GemmConfig]:
+    """The int8 family's configs for ``arch`` (validated; none for sm86/sm89: the sm80 kernel's
+    PTX-carrying code runs there when sm80 is built)."""
+    out = []
+    for c in INT8_DEFAULT.get(arch, ()):
+        c.validate()
+        out.append(c)
+    return out

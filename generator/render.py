@@ -24,9 +24,9 @@ from pathlib import Path
 
 import jinja2
 
-from .configs import ARCHS, OUT_DTYPE_ENUM, ConfigError, KernelConfig
+from .configs import ARCHS, INT8_ALIGN, OUT_DTYPE_ENUM, ConfigError, KernelConfig
 from .dispatch import ArchDispatch, default_dispatch
-from .manifest import Manifest
+from .manifest import Manifest, int8_configs
 from .paths import TEMPLATES
 
 log = logging.getLogger("generator")
@@ -136,9 +136,15 @@ def emit(manifest: Manifest, out: Path, dispatch: dict[str, ArchDispatch] | None
             fname = f"{cfg.name}.cu"
             keep.add(fname)
             put(adir / fname, render(family_template(cfg.family), cfg=cfg, info=info))
+        # The int8 family (plain INT8 GEMM, the bench's ceiling): its own ABI and table.
+        int8 = int8_configs(arch)
+        for cfg in int8:
+            fname = f"{cfg.name}.cu"
+            keep.add(fname)
+            put(adir / fname, render(family_template(cfg.family), cfg=cfg, info=info, align=INT8_ALIGN))
         keep.add("registry.cpp")
         put(adir / "registry.cpp", render("registry_arch.cpp.j2", arch=arch, info=info, kernels=cfgs,
-                                          dispatch=dctx))
+                                          dispatch=dctx, int8_kernels=int8))
         removed += _remove_stale(adir, keep)
         arch_ctx.append({"arch": arch, "info": info, "sources": sorted(keep)})
 
@@ -152,6 +158,7 @@ def emit(manifest: Manifest, out: Path, dispatch: dict[str, ArchDispatch] | None
     put(out / "manifest.json", json.dumps({
         "archs": list(manifest.archs),
         "kernels": [dict(asdict(c), name=c.name) for c in manifest.configs()],
+        "int8_kernels": [dict(asdict(c), name=c.name) for a in manifest.archs for c in int8_configs(a)],
         "culled": [{"name": n, "why": w} for n, w in manifest.culled],
         "shapes": [asdict(s) for s in manifest.shapes],
     }, indent=1, sort_keys=True) + "\n")

@@ -216,7 +216,8 @@ def test_emit_removes_stale_files_by_name(tmp_path):
     res = emit(default_manifest(["sm80"]), out)
     assert keep.exists()  # not generated: never removed
     assert not list((out / "sm89").glob("*.cu"))
-    assert len(list((out / "sm80").glob("atom_*.cu"))) == 4
+    assert len(list((out / "sm80").glob("atom_w4a4_*.cu"))) == 4
+    assert len(list((out / "sm80").glob("atom_int8_*.cu"))) == 1
     assert res["removed"]
 
 
@@ -270,3 +271,42 @@ def test_cli_writes(tmp_path):
     assert data["archs"] == ["sm80", "sm89"] and len(data["kernels"]) == 8
     cm = (tmp_path / "sources.cmake").read_text()
     assert "ATOM_SOURCES_sm89" in cm and "compute_80,code=[sm_80,compute_80]" in cm
+
+
+# ------------------------------------------------------------------------ int8 family
+
+def test_int8_family_names_manifest_and_emit(tmp_path):
+    from generator.configs import Int8GemmConfig
+    from generator.manifest import int8_configs
+    sm80, = int8_configs("sm80")
+    sm90, = int8_configs("sm90a")
+    assert sm80.name == "atom_int8_gemm_sm80_t128x256x64_w64x64_s3_i32"
+    assert sm90.name == "atom_int8_gemm_sm90a_t128x256x128_sauto_c2x1x1_cooperative_i32"
+    assert int8_configs("sm86") == [] and int8_configs("sm89") == []  # sm80's PTX-carrying code runs there
+    with pytest.raises(ConfigError, match="cluster"):
+        Int8GemmConfig("sm80", 128, 256, 64, 64, 64, 3, cluster=(2, 1, 1)).validate()
+    with pytest.raises(ConfigError, match="shared memory"):
+        Int8GemmConfig("sm80", 256, 256, 128, 64, 64, 4).validate()
+    with pytest.raises(ConfigError, match="schedule"):
+        Int8GemmConfig("sm90a", 128, 256, 128, cluster=(2, 1, 1), schedule="multistage").validate()
+    with pytest.raises(ConfigError, match="built for"):
+        Int8GemmConfig("sm89", 128, 256, 64, 64, 64, 3).validate()
+    out = tmp_path / "gen"
+    m = default_manifest(["sm80", "sm89", "sm90a"])
+    emit(m, out)
+    assert (out / "sm80" / f"{sm80.name}.cu").is_file() and (out / "sm90a" / f"{sm90.name}.cu").is_file()
+    assert not list((out / "sm89").glob("atom_int8_*.cu"))
+    assert sm80.name not in m.names()  # not a W4A4 kernel: never dispatched, never in the W4A4 table
+    data = json.loads((out / "manifest.json").read_text())
+    assert [k["name"] for k in data["int8_kernels"]] == [sm80.name, sm90.name]
+    assert len(data["kernels"]) == 12
+    cm = (out / "sources.cmake").read_text()
+    assert f"sm80/{sm80.name}.cu" in cm and f"sm90a/{sm90.name}.cu" in cm
+    reg = (out / "sm80" / "registry.cpp").read_text()
+    assert f"&launch_{sm80.name}" in reg and "int8_kernels_sm80" in reg
+    assert "return nullptr;" in (out / "sm89" / "registry.cpp").read_text()  # empty table, no zero-size array
+    src90 = (out / "sm90a" / f"{sm90.name}.cu").read_text()
+    assert "KernelTmaWarpSpecializedCooperative" in src90 and "Shape<_128, _256, _128>" in src90
+    assert "Shape<_2, _1, _1>" in src90
+    src80 = (out / "sm80" / f"{sm80.name}.cu").read_text()
+    assert "GemmShape<128, 256, 64>" in src80 and "OpMultiplyAddSaturate" in src80

@@ -10,15 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from models.config import PRESETS, LlamaConfig
+# before the models imports: gguf_loader needs gguf, and a GPU machine may lack both
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from models.config import PRESETS, LlamaConfig  # noqa: E402
 from models.gguf_loader import (GGUFError, SUPPORTED_TYPES, _BLOCK_NAMES, _GLOBAL_NAMES, dequantize_tensor,
                                 load_gguf, open_gguf)
 from models.hf_loader import load_hf_dir
 from models.llama import LlamaForCausalLM
 from models.loading import default_model_path, load_model
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
 Q = gguf.GGMLQuantizationType
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.joined.txt"
 
