@@ -19,7 +19,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .configs import ARCHS, ConfigError, KernelConfig, OUT_DTYPES, arch_info
+from .configs import ARCHS, ConfigError, Int8GemmConfig, KernelConfig, OUT_DTYPES, arch_info
 from .paths import FORMAT_RULES, MODELS_CONFIG
 
 log = logging.getLogger("generator")
@@ -196,8 +196,6 @@ def default_manifest(archs, level: int = 0, shapes=(), dispatch=None) -> Manifes
 # kernel per arch that has one. Known-good CUTLASS configurations: sm80 = CUTLASS's
 # gemm_s8t_s8n_s32t_tensor_op_s32_sm80 unit test tile; sm90a = the one measured at ~1456 TOPS
 # on our H100 (DESIGN.md).
-from .configs import Int8GemmConfig  # noqa: E402
-
 INT8_DEFAULT = {
     "sm80": (Int8GemmConfig("sm80", 128, 256, 64, 64, 64, 3),),
     "sm90a": (Int8GemmConfig("sm90a", 128, 256, 128, cluster=(2, 1, 1), schedule="cooperative"),),

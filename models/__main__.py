@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import DataNotFound, split_text, wikitext_ids
+from .gptq import GPTQ_ORDERS
 from .recipe import ATOM, PER_CHANNEL, Recipe
 
 DEFAULT_CKPT = Path("build/smollm2-atom")
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-clip", type=float, default=ATOM.weight_clip)
     q.add_argument("--clip-search", action="store_true", help="search the weight clip ratio per layer")
     q.add_argument("--no-gptq", action="store_true", help="round-to-nearest weights instead of GPTQ")
-    q.add_argument("--gptq-order", default=ATOM.gptq_order, choices=("ascending", "descending"),
+    q.add_argument("--gptq-order", default=ATOM.gptq_order, choices=GPTQ_ORDERS,
                    help="GPTQ column walk over the reordered layout: as stored (outliers last) or from the outlier end")
     q.add_argument("--kv-bits", type=int, default=ATOM.kv_bits, choices=(4, 16))
     q.add_argument("--eval-windows", type=int, default=0,

@@ -14,6 +14,10 @@ from atom_ops import formats
 from atom_ops.formats import QuantizedTensor, QuantSpec
 
 
+# The column orders GPTQ can walk the reordered layout in (see gptq_quantize).
+GPTQ_ORDERS = ("ascending", "descending")
+
+
 def _groups(spec: QuantSpec):
     """(start, size, bits, clip_applies) for every scale column, outlier group last."""
     for g in range(spec.normal_groups):
@@ -57,8 +61,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, clip:
     largest-activation channels are quantized first and later columns absorb their error (the
     idea of GPTQ's act-order). Groups are contiguous either way, so the format is unchanged.
     """
-    if order not in ("ascending", "descending"):
-        raise ValueError(f"GPTQ order must be 'ascending' or 'descending', got {order!r}")
+    if order not in GPTQ_ORDERS:
+        raise ValueError(f"GPTQ order must be one of {GPTQ_ORDERS}, got {order!r}")
     groups = list(_groups(spec))  # (start, size, bits, clip_applies) in storage order
     if order == "descending":
         k = spec.k

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, replace
 
 from atom_ops.formats import QuantSpec, choose_outliers
 
+from .gptq import GPTQ_ORDERS
+
 # group = 0 means one group spanning all normal channels (per-channel weights / per-token activations)
 PER_CHANNEL = 0
 
@@ -38,8 +40,8 @@ class Recipe:
             raise ValueError("outlier channels need reorder=True (they are found by reordering)")
         if self.group not in (PER_CHANNEL, 32, 64, 128, 256):
             raise ValueError(f"group must be 0 (per channel), 32, 64, 128 or 256; got {self.group}")
-        if self.gptq_order not in ("ascending", "descending"):
-            raise ValueError(f"gptq_order must be 'ascending' or 'descending', got {self.gptq_order!r}")
+        if self.gptq_order not in GPTQ_ORDERS:
+            raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {self.gptq_order!r}")
         for name in ("act_clip", "weight_clip"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1]")
