@@ -12,15 +12,20 @@ Requirements of the compiled W4A4 kernels (checked here before any launch, ``For
     4-byte aligned; any M >= 1.
 A kernel with tile_k = 128 (``--level 1``) needs group % 128 == 0 and outliers % 64 == 0; the
 extension checks each kernel's own limits again and raises with the kernel's name.
+The sm90a wgmma family (Hopper) reads staged FP8 digit-plane operands (atom_ops/staging.py):
+group 128 only, N % 8 == 0, 16-byte aligned out/residual; activations are staged per call,
+weights once per weight tensor (cached). Calls it cannot run fall back to the mma family.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
 from .formats import FormatError, QuantizedTensor
+from .staging import StagedOperand, stage_operand
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 N_ALIGN = 16
@@ -65,6 +70,31 @@ def runnable_kernels(device=None) -> list[dict]:
         return []
     cc = _device_cc(torch.device(device or "cuda").index or torch.cuda.current_device())
     return [k for k in kernels_info() if k["min_cc"] <= cc <= k["max_cc"]]
+
+
+@functools.cache
+def kernel_family(name: str) -> str:
+    for k in kernels_info():
+        if k["name"] == name:
+            return k["family"]
+    raise FormatError(f"no compiled kernel named {name!r}")
+
+
+# Staged weights of the sm90a wgmma family, made once per weight tensor (atom_ops/staging.py)
+# and dropped with it; a weight modified in place (tensor version change) is staged again.
+_STAGED_WEIGHTS: dict[int, tuple] = {}
+
+
+def staged_weight(w: QuantizedTensor) -> StagedOperand:
+    key = id(w.packed)
+    version = (w.packed._version, w.outlier._version, w.scale._version, w.scale.data_ptr(), w.outlier.data_ptr())
+    hit = _STAGED_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is w.packed and hit[1] == version:
+        return hit[2]
+    staged = stage_operand(w, "w")
+    ref = weakref.ref(w.packed, lambda _, k=key: _STAGED_WEIGHTS.pop(k, None))
+    _STAGED_WEIGHTS[key] = (ref, version, staged)
+    return staged
 
 
 def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
@@ -124,14 +154,52 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
         out = torch.empty((m, n), dtype=out_dtype, device=dev)
     elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or not out.is_contiguous():
         raise FormatError(f"out must be a contiguous {out_dtype} [{m}, {n}] tensor on {dev}")
+    if kernel_family(name) == "wgmma":  # Hopper family: FP8 digit-plane operands
+        with torch.cuda.device(dev):
+            return staged_gemm(stage_operand(a, "a"), staged_weight(w), out_dtype, residual, name, out)
     ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None
-    stream = torch.cuda.current_stream(dev).cuda_stream
     with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
         ext.w4a4_gemm(name, a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0, a.scale.data_ptr(),
                       w.packed.data_ptr(), w.outlier.data_ptr() if spec.outliers else 0, w.scale.data_ptr(),
                       out.data_ptr(), residual.data_ptr() if residual is not None else 0,
                       ws.data_ptr() if ws is not None else 0, m, n, spec.k, spec.group, spec.outliers, code, split,
                       stream)
+    return out
+
+
+def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, residual=None, kernel: str = "",
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The sm90a wgmma family on already staged operands (atom_ops/staging.py): what a fused
+    quantize kernel feeds directly, and what bench.gemm times as the kernel alone."""
+    ext = extension()
+    if ext is None or not sa.values.is_cuda:
+        raise FormatError("staged_gemm needs CUDA tensors and the compiled extension")
+    spec = sa.spec
+    m, n, dev = sa.rows, sw.rows, sa.values.device
+    code = _DTYPE_CODE[out_dtype]
+    try:
+        name, _ = ext.plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, 1, _device_cc(dev.index or 0))
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    if not name or kernel_family(name) != "wgmma":
+        raise FormatError(f"staged_gemm: no wgmma-family kernel for M={m} N={n} {spec} on this device")
+    for label, t in (("activation", sa), ("weight", sw)):
+        if not (t.values.is_contiguous() and t.scale.is_contiguous()) or t.values.device != dev:
+            raise FormatError(f"staged_gemm: staged {label} must be contiguous and on {dev}")
+    if sa.spec != sw.spec:
+        raise FormatError(f"staged_gemm: activation spec {sa.spec} does not match weight spec {sw.spec}")
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype or not residual.is_contiguous()):
+        raise FormatError(f"residual must be a contiguous {out_dtype} [{m}, {n}] tensor")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or not out.is_contiguous():
+        raise FormatError(f"out must be a contiguous {out_dtype} [{m}, {n}] tensor on {dev}")
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    ext.w4a4_gemm(name, 0, 0, 0, 0, 0, 0, out.data_ptr(), residual.data_ptr() if residual is not None else 0, 0,
+                  m, n, spec.k, spec.group, spec.outliers, code, 1, stream,
+                  a_staged=sa.values.data_ptr(), a_staged_scale=sa.scale.data_ptr(),
+                  w_staged=sw.values.data_ptr(), w_staged_scale=sw.scale.data_ptr(), k_staged=sw.values.shape[1])
     return out
 
 

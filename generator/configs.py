@@ -8,8 +8,10 @@ Families:
     mma    CUTLASS 2.x arch-level main loop (cp.async + ldmatrix + mma.sync INT4 m16n8k64 /
            INT8 m16n8k32), sm80 / sm86 / sm89, and built for sm90a as the portable fallback
            (INT4 mma is emulated on Hopper: correct, slow).
-    wgmma  reserved for the Hopper fast path (issue 6): INT8 wgmma, in-register INT4 unpack.
-           Not implemented here; configs of this family are rejected with a clear error.
+    wgmma  the Hopper (sm90a) family: CUTLASS 3.x blockwise-scaling FP8 wgmma mainloop over the
+           staged "digit plane" operands of atom_ops/staging.py (exact small integers in e4m3,
+           promoted to float after every 128-column group). Group 128 only; ``swap_ab`` puts
+           the tokens on wgmma's N dimension for small M. tile_k counts staged (FP8) columns.
     int8   not a W4A4 kernel: the plain CUTLASS INT8 GEMM (no groups) that bench/gemm.py uses as
            the ceiling; its own ``Int8GemmConfig`` and ABI (bottom of this file).
 """
@@ -51,7 +53,7 @@ ARCHS: dict[str, ArchInfo] = {
 }
 
 FAMILIES = ("mma", "wgmma")
-IMPLEMENTED_FAMILIES = ("mma",)
+IMPLEMENTED_FAMILIES = ("mma", "wgmma")
 OUT_DTYPES = {"f16": "__half", "bf16": "__nv_bfloat16"}      # name part -> C++ type
 OUT_DTYPE_ENUM = {"f16": "atom::OutDtype::kF16", "bf16": "atom::OutDtype::kBF16"}
 SCHEDULES = {"mma": ("multistage",), "wgmma": ("cooperative", "pingpong")}
@@ -83,6 +85,7 @@ class KernelConfig:
     outliers: int | None = None
     cluster: tuple[int, int, int] = (1, 1, 1)
     schedule: str = "multistage"
+    swap_ab: bool = False   # wgmma: GEMM A = weights, B = tokens (small M on wgmma's N)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -90,11 +93,13 @@ class KernelConfig:
         parts = [f"atom_w4a4_{self.family}_{self.arch}",
                  f"t{self.tile_m}x{self.tile_n}x{self.tile_k}",
                  f"w{self.warp_m}x{self.warp_n}",
-                 f"s{self.stages}"]
+                 f"s{self.stages}" if self.stages else "sauto"]
         if self.cluster != (1, 1, 1):
             parts.append("c" + "x".join(map(str, self.cluster)))
         if self.schedule != SCHEDULES.get(self.family, ("",))[0]:
             parts.append(self.schedule)
+        if self.swap_ab:
+            parts.append("swap")
         if self.split_k:
             parts.append("sk")
         parts.append(f"g{self.group if self.group is not None else 'any'}")
@@ -104,8 +109,8 @@ class KernelConfig:
 
     _NAME_RE = re.compile(
         r"^atom_w4a4_(?P<family>[a-z0-9]+)_(?P<arch>sm\d+a?)_t(?P<tm>\d+)x(?P<tn>\d+)x(?P<tk>\d+)"
-        r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+)(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong))?"
-        r"(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
+        r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+|auto)(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong))?"
+        r"(?P<swap>_swap)?(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
 
     @classmethod
     def from_name(cls, name: str) -> "KernelConfig":
@@ -115,12 +120,13 @@ class KernelConfig:
         d = m.groupdict()
         fam = d["family"]
         return cls(family=fam, arch=d["arch"], tile_m=int(d["tm"]), tile_n=int(d["tn"]),
-                   tile_k=int(d["tk"]), warp_m=int(d["wm"]), warp_n=int(d["wn"]), stages=int(d["st"]),
+                   tile_k=int(d["tk"]), warp_m=int(d["wm"]), warp_n=int(d["wn"]), stages=0 if d["st"] == "auto" else int(d["st"]),
                    out_dtype=d["dt"], split_k=bool(d["sk"]),
                    group=None if d["g"] == "any" else int(d["g"]),
                    outliers=None if d["o"] == "any" else int(d["o"]),
                    cluster=tuple(int(x) for x in d["cl"].split("x")) if d["cl"] else (1, 1, 1),
-                   schedule=d["sched"] or SCHEDULES.get(fam, ("multistage",))[0])
+                   schedule=d["sched"] or SCHEDULES.get(fam, ("multistage",))[0],
+                   swap_ab=bool(d["swap"]))
 
     def replace(self, **kw) -> "KernelConfig":
         return replace(self, **kw)
@@ -128,16 +134,24 @@ class KernelConfig:
     # -------------------------------------------------------------- derived
     @property
     def threads(self) -> int:
+        if self.family == "wgmma":
+            return 384  # one producer + two consumer warp groups (both schedules)
         return (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n) * 32
 
     @property
     def smem_bytes(self) -> int:
-        """Dynamic shared memory of the mma family: padded byte tiles, one per stage."""
+        """Shared memory: mma = padded INT4 byte tiles per stage; wgmma = FP8 A/B tiles plus
+        the per-row/column float scales per stage, plus a reserve for the TMA epilogue."""
+        if self.family == "wgmma":  # stages = 0: the builder fills shared memory (one stage here)
+            per_stage = (self.tile_m + self.tile_n) * (self.tile_k + 4) + 32
+            return max(self.stages, 1) * per_stage + WGMMA_EPILOGUE_SMEM
         return self.stages * (self.tile_m + self.tile_n) * (self.tile_k // 2 + 16)
 
     @property
     def accumulator_regs(self) -> int:
-        return 2 * self.warp_m * self.warp_n // 32
+        """int32 + float (mma) or float temporary + float (wgmma) accumulators per thread."""
+        threads = 128 if self.family == "wgmma" else 32
+        return 2 * self.warp_m * self.warp_n // threads
 
     @property
     def cxx_out(self) -> str:
@@ -164,6 +178,8 @@ class KernelConfig:
 
     def supports(self, k: int, group: int, outliers: int, n: int) -> bool:
         """Whether this kernel runs a layer with these run-time values."""
+        if self.family == "wgmma":
+            return group == WGMMA_GROUP and n % 8 == 0 and k - outliers > 0 and (k - outliers) % group == 0
         if n % 16 or group % self.tile_k or outliers % (self.tile_k // 2):
             return False
         if self.group is not None and group != self.group:
@@ -177,6 +193,8 @@ def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
     """Limits of the mma family (templates/atom_w4a4_mma.cuh.j2)."""
     if self.cluster != (1, 1, 1):
         bad("the mma family has no thread-block clusters (cluster must be 1x1x1)")
+    if self.swap_ab:
+        bad("the mma family has no swap-AB variant")
     for what, v in (("tile_m", self.tile_m), ("tile_n", self.tile_n), ("tile_k", self.tile_k),
                     ("warp_m", self.warp_m), ("warp_n", self.warp_n)):
         if v <= 0:
@@ -203,9 +221,43 @@ def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
         bad(f"needs {self.smem_bytes} B of shared memory, {self.arch} allows {info.smem_bytes} B")
 
 
-# Family-specific validation, called by KernelConfig.validate after the common checks. A new
-# family (the Hopper "wgmma" one) registers its function here and in IMPLEMENTED_FAMILIES.
-FAMILY_CHECKS = {"mma": _check_mma}
+WGMMA_GROUP = 128             # the blockwise mainloop promotes once per 128-column k-tile
+WGMMA_EPILOGUE_SMEM = 32768   # reserve for the TMA epilogue's C/D staging buffers
+MAX_WGMMA_ACCUMULATOR_REGS = 128
+
+
+def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
+    """Limits of the wgmma family (templates/kernel_wgmma.cu.j2, CUTLASS's blockwise FP8 mainloop)."""
+    if self.arch != "sm90a":
+        bad("the wgmma family is built for sm90a only")
+    if self.group != WGMMA_GROUP:
+        bad(f"the wgmma family needs group={WGMMA_GROUP} (one promotion per 128-column k-tile)")
+    if self.outliers is not None:
+        bad("the wgmma family takes the outlier count at run time (outliers must be None)")
+    if self.split_k:
+        bad("the wgmma family has no split-K")
+    if self.tile_k != WGMMA_GROUP:
+        bad(f"tile_k must be {WGMMA_GROUP} (the blockwise mainloop promotes once per k-tile)")
+    if self.tile_m not in (64, 128) or self.tile_n % 16 or not 16 <= self.tile_n <= 256:
+        bad("wgmma tile: tile_m 64 or 128, tile_n a multiple of 16 in 16..256")
+    want = (self.tile_m // 2 if self.schedule == "cooperative" else self.tile_m, self.tile_n)
+    if self.schedule == "cooperative" and self.tile_m < 128:
+        bad("the cooperative schedule needs tile_m = 128 (two consumer warp groups of 64 rows)")
+    if (self.warp_m, self.warp_n) != want:
+        bad(f"warp tile must be one consumer warp group's tile {want[0]}x{want[1]} for {self.schedule}")
+    if self.accumulator_regs > MAX_WGMMA_ACCUMULATOR_REGS:
+        bad(f"warp group tile {self.warp_m}x{self.warp_n} needs {self.accumulator_regs} accumulator "
+            f"registers per thread (float temporary + float), more than {MAX_WGMMA_ACCUMULATOR_REGS}")
+    if self.stages != 0:
+        bad("stages must be 0 (auto: CUTLASS's blockwise builder sizes the pipeline to the shared memory)")
+    if self.cluster[2] != 1 or self.cluster[0] * self.cluster[1] > 2:
+        bad(f"cluster {self.cluster}: at most 2 CTAs, cluster_k = 1")
+    if self.smem_bytes > info.smem_bytes:
+        bad(f"needs about {self.smem_bytes} B of shared memory, {self.arch} allows {info.smem_bytes} B")
+
+
+# Family-specific validation, called by KernelConfig.validate after the common checks.
+FAMILY_CHECKS = {"mma": _check_mma, "wgmma": _check_wgmma}
 
 
 # --------------------------------------------------------------------------- int8 family

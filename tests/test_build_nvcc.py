@@ -42,7 +42,8 @@ def nvcc_version() -> str:
 
 # (arch, which kernel): the split-K small tile exercises every code path of the mma family;
 # int8: the plain CUTLASS INT8 GEMM (2.x on sm80, 3.x TMA/wgmma on sm90a; ~10 s and ~50 s cold).
-CASES = [("sm80", "mma"), ("sm90a", "mma"), ("sm80", "int8"), ("sm90a", "int8")]
+# wgmma: the sm90a family on CUTLASS's blockwise FP8 mainloop, its swap-AB decode tile (~55 s cold).
+CASES = [("sm80", "mma"), ("sm90a", "mma"), ("sm80", "int8"), ("sm90a", "int8"), ("sm90a", "wgmma")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -56,6 +57,8 @@ def test_compile_one_kernel(arch, family, tmp_path):
     emit(m, out)
     if family == "int8":
         cfg = int8_configs(arch)[0]
+    elif family == "wgmma":
+        cfg = next(c for c in m.configs() if c.family == family and c.swap_ab and c.out_dtype == "bf16")
     else:
         cfg = next(c for c in m.configs() if c.family == family and c.split_k and c.out_dtype == "bf16")
     src = out / arch / f"{cfg.name}.cu"
@@ -79,8 +82,8 @@ def test_compile_one_kernel(arch, family, tmp_path):
     assert obj.stat().st_size > 10_000
     syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
     assert f"launch_{cfg.name}" in syms and f"check_{cfg.name}" in syms
-    if family == "int8":
-        return  # CUTLASS's own kernel templates, one config per arch: nothing of ours to merge
+    if family in ("int8", "wgmma"):
+        return  # CUTLASS's kernel templates over anonymous-namespace types: internal linkage already
     # The family's templates are instantiated with the same types in every arch's TUs: they
     # must have internal linkage (lower-case nm type), or the linker would merge sm80 and
     # sm90a code into one symbol (a real bug once: launches failed with "invalid argument").

@@ -15,7 +15,8 @@ from generator import ConfigError, KernelConfig, Manifest, default_manifest, emi
 from generator.cli import main as cli_main
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
-from generator.manifest import LARGE, SMALL, level_configs, model_shapes, outliers_for
+from generator.manifest import (LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, level_configs, model_shapes,
+                                outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_ARCHS = ("sm80", "sm86", "sm89", "sm90a")
@@ -57,7 +58,6 @@ def test_name_spells_every_parameter():
     ({"warp_m": 64, "warp_n": 64}, "accumulator"),
     ({"tile_m": 256, "tile_n": 256, "stages": 8, "tile_k": 128}, "shared memory"),
     ({"arch": "sm75"}, "unknown arch"),
-    ({"family": "wgmma", "arch": "sm90a", "schedule": "cooperative"}, "not implemented"),
     ({"family": "wgmma", "arch": "sm80"}, "does not run on sm80"),
     ({"out_dtype": "f32"}, "out_dtype"),
     ({"cluster": (2, 1, 1)}, "cluster"),
@@ -65,6 +65,54 @@ def test_name_spells_every_parameter():
 def test_impossible_configs_raise(kw, why):
     with pytest.raises(ConfigError, match=why):
         LARGE.replace(**kw).validate()
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"group": 64}, "group=128"),
+    ({"group": None}, "group=128"),
+    ({"outliers": 128}, "outliers must be None"),
+    ({"split_k": True}, "no split-K"),
+    ({"tile_k": 256}, "tile_k must be 128"),
+    ({"tile_m": 256}, "tile_m 64 or 128"),
+    ({"tile_m": 64, "warp_m": 32}, "cooperative schedule needs tile_m = 128"),
+    ({"warp_m": 128}, "warp tile must be one consumer warp group"),
+    ({"tile_n": 256, "warp_n": 256}, "accumulator"),
+    ({"stages": 4}, "stages must be 0"),
+    ({"cluster": (2, 2, 1)}, "at most 2 CTAs"),
+    ({"arch": "sm89"}, "does not run on sm89"),
+    ({"schedule": "multistage"}, "schedule"),
+])
+def test_impossible_wgmma_configs_raise(kw, why):
+    with pytest.raises(ConfigError, match=why):
+        WGMMA_PREFILL.replace(**kw).validate()
+
+
+def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
+    for cfg in (WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL):
+        cfg.validate()
+        assert KernelConfig.from_name(cfg.name) == cfg
+    assert WGMMA_DECODE.name == "atom_w4a4_wgmma_sm90a_t64x32x128_w64x32_sauto_pingpong_swap_g128_oany_f16"
+    assert WGMMA_PREFILL.name == "atom_w4a4_wgmma_sm90a_t128x128x128_w64x128_sauto_c1x2x1_g128_oany_f16"
+    # Group 128 only; any outlier count the format allows; N % 8.
+    assert WGMMA_PREFILL.supports(4096, 128, 128, 4104) and WGMMA_PREFILL.supports(576, 128, 64, 64)
+    assert not WGMMA_PREFILL.supports(4096, 64, 128, 4096) and not WGMMA_PREFILL.supports(4096, 128, 128, 4100)
+    m = default_manifest(["sm90a"])
+    fams = sorted(c.family for c in m.configs())
+    assert fams.count("wgmma") == 6 and fams.count("mma") == 4  # + the mma fallback for group 64
+    d = default_dispatch("sm90a")
+    assert [r.kernel for r in d.rules] == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
+    out = tmp_path / "gen"
+    emit(m, out)
+    src = (out / "sm90a" / f"{WGMMA_DECODE.name}.cu").read_text()
+    assert "KernelTmaWarpSpecializedPingpongFP8Blockwise" in src and "Swap-AB" in src
+    assert "cutlass::layout::ColumnMajor;" in src  # D = y^T column-major
+    pre = (out / "sm90a" / f"{WGMMA_PREFILL.name}.cu").read_text()
+    assert "KernelTmaWarpSpecializedCooperativeFP8Blockwise" in pre and "Shape<_1, _2, _1>" in pre
+    reg = (out / "sm90a" / "registry.cpp").read_text()
+    assert f'if (M <= 64) return {{"{WGMMA_DECODE.name}", 1}};' in reg
+    assert f'return {{"{WGMMA_PREFILL.replace(out_dtype="bf16").name}", 1}};' in reg
+    api = (out / "include" / "atom_w4a4_api.h").read_text()
+    assert "inline int staged_k(int K, int outliers)" in api
 
 
 def test_smem_limit_depends_on_arch():
@@ -299,7 +347,7 @@ def test_int8_family_names_manifest_and_emit(tmp_path):
     assert sm80.name not in m.names()  # not a W4A4 kernel: never dispatched, never in the W4A4 table
     data = json.loads((out / "manifest.json").read_text())
     assert [k["name"] for k in data["int8_kernels"]] == [sm80.name, sm90.name]
-    assert len(data["kernels"]) == 12
+    assert len(data["kernels"]) == 18  # 4 mma per arch + 6 wgmma on sm90a
     cm = (out / "sources.cmake").read_text()
     assert f"sm80/{sm80.name}.cu" in cm and f"sm90a/{sm90.name}.cu" in cm
     reg = (out / "sm80" / "registry.cpp").read_text()

@@ -1,0 +1,67 @@
+"""Attention over the paged KV cache, in pure torch, and the per-step batch the model sees.
+
+`paged_attention` is the one function a GPU kernel (e.g. a KV4 decode-attention kernel) would
+replace: everything it needs arrives as tensors of fixed shape for a given batch size and
+block-table width, with no host syncs, so it also runs inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PagedBatch:
+    """One forward step over B sequences with T new tokens each (prefill: B = 1; decode: T = 1).
+
+    block_tables  int64 [B, W]   page ids of each sequence (padded with the null page)
+    context_lens  int64 [B]      tokens in the cache after this step's tokens are written
+    slots         int64 [B * T]  cache slot of each new token, row-major over (B, T)
+    """
+
+    pages: object  # FloatPages | KV4Pages
+    block_tables: Tensor
+    context_lens: Tensor
+    slots: Tensor
+
+    def layer(self, index: int) -> "LayerKV":
+        return LayerKV(self, index)
+
+
+class LayerKV:
+    """One layer's view of the batch: what llama.Attention calls with its new q, k, v."""
+
+    def __init__(self, batch: PagedBatch, index: int):
+        self.batch, self.index = batch, index
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (after RoPE) -> out [B, Hq, T, D]."""
+        b = self.batch
+        B, Hkv, T, D = k.shape
+        # store first, then read everything back: new tokens attend to their own stored
+        # (for KV4: quantized) values, exactly as the unpaged model with KV4Quantizer does
+        b.pages.write(self.index, b.slots, k.transpose(1, 2).reshape(B * T, Hkv, D),
+                      v.transpose(1, 2).reshape(B * T, Hkv, D))
+        return paged_attention(q, b.pages, self.index, b.block_tables, b.context_lens)
+
+
+def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_lens: Tensor) -> Tensor:
+    """Causal attention of q [B, Hq, T, D] over each sequence's cached keys.
+
+    Query t of row b sits at position context_lens[b] - T + t and sees keys 0..that position;
+    keys past a row's context (the rest of its last page, padding pages) are masked out.
+    """
+    B, Hq, T, D = q.shape
+    k, v = pages.read(layer, block_tables)          # [B, L, Hkv, D], L = W * page_size
+    L, Hkv = k.shape[1], k.shape[2]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)     # [B, Hkv, L, D]
+    if Hq != Hkv:  # GQA: each kv head serves Hq / Hkv consecutive query heads
+        k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+    q_pos = context_lens[:, None] - T + torch.arange(T, device=q.device)        # [B, T]
+    visible = torch.arange(L, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None],
+                                          scale=D ** -0.5)

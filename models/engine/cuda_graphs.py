@@ -1,0 +1,76 @@
+"""CUDA-graph-captured decode steps, one graph per fixed batch bucket (GPU only).
+
+A decode step of a small model is mostly kernel-launch overhead; replaying a captured graph
+removes it. Each bucket B captures `ModelRunner.forward` on static input buffers of shape
+[B, 1] with a full-width block table [B, max_pages_per_seq]; a batch of n <= B sequences is
+copied into the buffers, padded with null rows (ModelRunner.decode_inputs), and replayed.
+Sampling stays outside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..llama import rope_type
+from .attention import PagedBatch
+from .runner import ModelRunner
+from .scheduler import Sequence
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def check_graphable(runner: ModelRunner) -> None:
+    if runner.device.type != "cuda":
+        raise ValueError("CUDA-graph decode needs a CUDA device; turn cuda_graphs off on the CPU")
+    if rope_type(runner.model.config) == "dynamic":
+        # dynamic NTK RoPE reads positions.max() on the host, which cannot be captured
+        raise ValueError("CUDA-graph decode does not support rope_scaling type 'dynamic'")
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, buckets=DEFAULT_BUCKETS):
+        check_graphable(runner)
+        self.runner = runner
+        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]] = {}
+        self.pool = None
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
+        for rows in sorted(self.buckets, reverse=True):
+            r = self.runner
+            ids = torch.zeros(rows, 1, dtype=torch.int64, device=r.device)
+            positions = torch.zeros_like(ids)
+            tables = torch.zeros(rows, r.max_pages_per_seq, dtype=torch.int64, device=r.device)
+            lens = torch.ones(rows, dtype=torch.int64, device=r.device)
+            slots = torch.zeros(rows, dtype=torch.int64, device=r.device)
+            inputs = (ids, positions, tables, lens, slots)
+            batch = PagedBatch(r.pages, tables, lens, slots)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (lazy inits, autotuning) off the capture
+                for _ in range(2):
+                    r.forward(ids, positions, batch)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = r.forward(ids, positions, batch)
+            self.pool = graph.pool()
+            self.graphs[rows] = (graph, inputs, logits)
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"decode batch {n} exceeds the largest captured bucket {self.buckets[-1]}")
+
+    @torch.no_grad()
+    def decode(self, seqs: list[Sequence]) -> Tensor:
+        rows = self.bucket_for(len(seqs))
+        graph, inputs, logits = self.graphs[rows]
+        for static, value in zip(inputs, self.runner.decode_inputs(seqs, rows, self.runner.max_pages_per_seq)):
+            static.copy_(value)
+        graph.replay()
+        return logits[: len(seqs)]

@@ -1,0 +1,239 @@
+"""The serving engine: requests in, tokens out, one `step()` at a time (synchronous, one thread).
+
+    engine = Engine(model, EngineConfig(max_batch=8), eos_token_ids=[tok.eos_id])
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=32))
+    while engine.has_work():
+        for out in engine.step(): ...
+
+Requests may be added between any two steps (continuous batching). A request the engine
+cannot serve raises RequestError from add_request and leaves the engine untouched; a failure
+inside a step fails the requests of that step with the message and frees their pages, and the
+engine goes on. EngineLoop (loop.py) runs this in a background thread for the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..llama import rope_type
+from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
+from .kv_cache import PageAllocator, make_pages, page_bytes, pages_for
+from .runner import ModelRunner
+from .sampling import RequestError, SamplingParams, make_generator, sample_batch
+from .scheduler import Scheduler, Sequence
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16                   # sequences decoded together
+    page_size: int = 16                   # tokens per KV page
+    max_context: int | None = None        # prompt + output; default min(model's, 4096)
+    num_pages: int | None = None          # default: max_batch full-context sequences within kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30
+    max_prefill_tokens: int = 512         # prefill chunk budget per step
+    cuda_graphs: bool = False             # capture decode steps per batch bucket (GPU only)
+    graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    static_decode_shapes: bool = False    # pad decode like the graphs do, without capturing (tests)
+
+    def __post_init__(self):
+        for name in ("max_batch", "page_size", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None      # "stop", "length", "abort", "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished request, as Engine.generate returns it."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig = EngineConfig(), eos_token_ids=()):
+        self.model, self.config = model.eval(), config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, model.model.embed_tokens.weight.dtype
+        cfg = model.config
+        self.max_context = config.max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        if rope_type(cfg) == "dynamic" and self.max_context > cfg.max_position_embeddings:
+            # past that length dynamic NTK RoPE rescales with the longest position in the batch,
+            # so a sequence's positions would depend on which others share its decode step
+            raise ValueError(f"max_context {self.max_context} exceeds max_position_embeddings "
+                             f"{cfg.max_position_embeddings} with dynamic RoPE scaling; the engine does not support that")
+        self.pages_per_seq = pages_for(self.max_context, config.page_size)
+        num_pages = config.num_pages or self._default_num_pages()
+        if num_pages - 1 < self.pages_per_seq:
+            raise ValueError(f"{num_pages} KV pages (one reserved) cannot hold one {self.max_context}-token "
+                             f"sequence ({self.pages_per_seq} pages of {config.page_size}); raise num_pages "
+                             f"or kv_cache_bytes, or lower max_context")
+        self.pages = make_pages(model, num_pages, config.page_size, self.dtype, self.device)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(self.allocator, config.page_size, config.max_batch, config.max_prefill_tokens)
+        self.runner = ModelRunner(model, self.pages, config.page_size, self.pages_per_seq, self.device)
+        self.graphs = None
+        if config.cuda_graphs:
+            self.graphs = DecodeGraphs(self.runner, config.max_batch, config.graph_buckets)
+            self.graphs.capture()
+        self.eos_token_ids = frozenset(t for t in eos_token_ids if t is not None)
+        self._ids = itertools.count()
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0}
+
+    @property
+    def kv_format(self) -> str:
+        return self.pages.kind
+
+    def _default_num_pages(self) -> int:
+        per_page = page_bytes(self.model, self.config.page_size, self.dtype)
+        wanted = self.config.max_batch * self.pages_per_seq + 1
+        affordable = self.config.kv_cache_bytes // per_page
+        return max(min(wanted, affordable), self.pages_per_seq + 1)
+
+    # --------------------------------------------------------------- requests
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError unless the engine can serve this request (reads only settings:
+        safe to call from another thread)."""
+        params.validate()
+        if not prompt_ids:
+            raise RequestError("the prompt is empty (it encodes to no tokens)")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine's context is "
+                               f"{self.max_context} tokens (prompt + at least one generated token)")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        self.validate(prompt_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if self.scheduler.find(request_id) is not None:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        max_tokens = min(params.max_tokens, self.max_context - len(prompt_ids))
+        self.scheduler.add(Sequence(request_id, list(prompt_ids), params, max_tokens, make_generator(params)))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (client gone) and free its pages; False if it is not here."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        self.stats["steps"] += 1
+        self.stats["preemptions"] += len(plan.preempted)
+        sampled: list[Sequence] = []
+        try:
+            if plan.decodes:
+                logits = self._decode(plan.decodes)
+                for seq in plan.decodes:
+                    seq.num_cached += 1
+                self.stats["decode_tokens"] += len(plan.decodes)
+                sampled += self._sample(plan.decodes, logits)
+            for seq, n in plan.prefills:
+                logits = self.runner.prefill(seq, n)
+                seq.num_cached += n
+                self.stats["prefill_tokens"] += n
+                if seq.num_uncached == 0:  # the whole prompt is in: its first new token
+                    sampled += self._sample([seq], logits[None])
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            failed = plan.decodes + [s for s, _ in plan.prefills]
+            for seq in failed:
+                self.scheduler.remove(seq)
+            return [RequestOutput(s.request_id, [], True, "error", f"{type(e).__name__}: {e}",
+                                  len(s.prompt_ids), len(s.output_ids)) for s in failed]
+        return [self._finish_check(seq) for seq in sampled]
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.decode(seqs)
+        if self.config.static_decode_shapes:
+            rows = next((b for b in sorted(self.config.graph_buckets) if b >= len(seqs)), len(seqs))
+            return self.runner.decode(seqs, rows=rows, full_width=True)
+        return self.runner.decode(seqs)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, tok in zip(seqs, tokens):
+            seq.output_ids.append(tok)
+        return seqs
+
+    def _finish_check(self, seq: Sequence) -> RequestOutput:
+        tok = seq.output_ids[-1]
+        stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_token_ids)
+        out = RequestOutput(seq.request_id, [tok], prompt_tokens=len(seq.prompt_ids))
+        if tok in stops:
+            seq.output_ids.pop()  # the stop token is not part of the completion
+            out.new_token_ids, out.finished, out.finish_reason = [], True, "stop"
+        elif len(seq.output_ids) >= seq.max_tokens:
+            out.finished, out.finish_reason = True, "length"
+        if out.finished:
+            self.scheduler.remove(seq)
+        out.completion_tokens = len(seq.output_ids)
+        return out
+
+    # ------------------------------------------------------------ convenience
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+                 ) -> list[Completion]:
+        """Run prompts to completion together (continuous batching); results in prompt order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results = {rid: Completion(rid) for rid in ids}
+        while any(r.finish_reason is None for r in results.values()):
+            for out in self.step():
+                if out.request_id in results:
+                    r = results[out.request_id]
+                    r.token_ids += out.new_token_ids
+                    if out.finished:
+                        r.finish_reason, r.error = out.finish_reason, out.error
+        return [results[rid] for rid in ids]
+
+
+def timed_generate(engine: Engine, prompts: list[list[int]], params: SamplingParams):
+    """-> (completions, seconds, generated tokens): for the CLI's tokens/s line."""
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = engine.generate(prompts, params)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return done, time.perf_counter() - t0, sum(len(c.token_ids) for c in done)

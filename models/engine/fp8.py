@@ -1,0 +1,64 @@
+"""The FP8 baseline mode: W8A8 e4m3 linears through torch._scaled_mm (GPU only).
+
+Weights are quantized once per output channel, activations per token on the fly, both
+symmetric with scale = absmax / 448; the product runs on FP8 tensor cores with the row-wise
+scales applied in the epilogue. This is the strong baseline a user would pick instead of Atom.
+The lm_head stays in the model dtype, as is usual for FP8 serving.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric e4m3: [M, K] -> (fp8 [M, K], fp32 scales [M, 1])."""
+    scale = (x.detach().abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        n, k = linear.out_features, linear.in_features
+        if n % 16 or k % 16:
+            raise ValueError(f"FP8 _scaled_mm needs in and out features divisible by 16, got {k} -> {n}")
+        w, scale = quantize_fp8_rows(linear.weight)
+        self.in_features, self.out_features = k, n
+        self.register_buffer("weight_fp8", w.contiguous())          # [N, K] row-major
+        self.register_buffer("weight_scale", scale.reshape(1, n))  # fp32, one per output channel
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xq, x_scale = quantize_fp8_rows(x.reshape(-1, self.in_features))
+        # b must be column-major: the transpose of the row-major [N, K] weight is exactly that.
+        # Row-wise scaling wants bf16 output on current torch; cast to the model dtype after.
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, e4m3 per-channel x per-token"
+
+
+def convert_to_fp8(model: nn.Module) -> nn.Module:
+    """Swap every decoder projection for an Fp8Linear, in place."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"fp8 mode needs a CUDA GPU with FP8 tensor cores (torch._scaled_mm); "
+                         f"the model is on {device}. Use mode fp16 or atom on the CPU.")
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in _PROJECTIONS:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, nn.Linear):
+                    setattr(parent, name, Fp8Linear(lin))
+    return model

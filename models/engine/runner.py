@@ -1,0 +1,72 @@
+"""Runs the model over the paged cache: a prefill chunk of one sequence, or one decode step of many.
+
+Only the last position's logits are computed (the lm_head over a whole prompt is wasted work).
+Decode batches either run eagerly at their own size, or padded to a fixed bucket size with a
+full-width block table: the shapes a captured CUDA graph needs (cuda_graphs.py). The padded
+path also runs eagerly, which is how the CPU tests cover it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .attention import PagedBatch
+from .kv_cache import NULL_PAGE
+from .scheduler import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, pages, page_size: int, max_pages_per_seq: int, device: torch.device):
+        self.model, self.pages, self.page_size = model, pages, page_size
+        self.max_pages_per_seq, self.device = max_pages_per_seq, device
+
+    def forward(self, input_ids: Tensor, positions: Tensor, batch: PagedBatch) -> Tensor:
+        """input_ids, positions [B, T] -> fp32 logits of the last position [B, vocab]."""
+        hidden = self.model.model(input_ids, positions, batch)
+        return self.model.lm_head(hidden[:, -1]).float()
+
+    # ---------------------------------------------------------------- prefill
+
+    @torch.no_grad()
+    def prefill(self, seq: Sequence, n: int) -> Tensor:
+        """Process seq's next n uncached tokens (after its cached prefix) -> logits [vocab]."""
+        start = seq.num_cached
+        ids = torch.tensor([seq.tokens[start:start + n]], device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        batch = PagedBatch(self.pages, self._tensor([seq.pages]), self._tensor([start + n]),
+                           self._tensor(self._slots(seq.pages, range(start, start + n))))
+        return self.forward(ids, positions, batch)[0]
+
+    # ----------------------------------------------------------------- decode
+
+    def decode_inputs(self, seqs: list[Sequence], rows: int | None = None, width: int | None = None):
+        """(input_ids [R, 1], positions [R, 1], block_tables [R, W], context_lens [R], slots [R]) for
+        one decode step: each sequence's single uncached token. R = rows >= len(seqs) pads with
+        null rows (token 0 at position 0 in the null page), W defaults to the widest table."""
+        rows = rows or len(seqs)
+        width = width or max(len(s.pages) for s in seqs)
+        pad = rows - len(seqs)
+        ids = [s.tokens[s.num_cached] for s in seqs] + [0] * pad
+        positions = [s.num_cached for s in seqs] + [0] * pad
+        tables = [s.pages + [NULL_PAGE] * (width - len(s.pages)) for s in seqs] + [[NULL_PAGE] * width] * pad
+        slots = [self._slots(s.pages, [s.num_cached])[0] for s in seqs] + [NULL_PAGE * self.page_size] * pad
+        t = self._tensor
+        return (t(ids)[:, None], t(positions)[:, None], t(tables), t(positions) + 1, t(slots))
+
+    @torch.no_grad()
+    def decode(self, seqs: list[Sequence], rows: int | None = None, full_width: bool = False) -> Tensor:
+        """One token for each sequence -> logits [len(seqs), vocab]. rows / full_width pad the
+        batch to the fixed shapes of a CUDA graph bucket (null rows are dropped)."""
+        ids, positions, tables, lens, slots = self.decode_inputs(
+            seqs, rows, self.max_pages_per_seq if full_width else None)
+        return self.forward(ids, positions, PagedBatch(self.pages, tables, lens, slots))[: len(seqs)]
+
+    # ---------------------------------------------------------------- helpers
+
+    def _slots(self, pages: list[int], positions) -> list[int]:
+        ps = self.page_size
+        return [pages[p // ps] * ps + p % ps for p in positions]
+
+    def _tensor(self, values) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)

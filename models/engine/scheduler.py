@@ -1,0 +1,132 @@
+"""Continuous batching: which sequences run this step, and who owns the KV pages.
+
+Policy (vLLM's, simplified):
+- Waiting requests are admitted first-come first-served between steps, while the batch has
+  room and the free pages cover the request's uncached tokens plus one decode token.
+- Every step decodes one token for each running sequence with exactly one uncached token,
+  then prefills the others in chunks of at most `max_prefill_tokens` tokens per step.
+- Pages are allocated as tokens arrive. When the pool runs dry, the youngest running sequence
+  that is not already in this step is preempted: its pages are freed and it goes back to the
+  front of the queue, keeping its generated tokens, to be recomputed when pages free up. The
+  oldest sequence can always grow (the pool holds one full-context sequence), so the batch
+  always makes progress and running out of pages never fails a request.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import PageAllocator, pages_for
+from .sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int                      # params.max_tokens capped by the context length
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_cached: int = 0                  # tokens whose K/V are in the pages
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncached(self) -> int:
+        return self.num_tokens - self.num_cached
+
+
+@dataclass
+class StepPlan:
+    decodes: list[Sequence]                   # one new token each
+    prefills: list[tuple[Sequence, int]]      # (sequence, tokens to process this step)
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, allocator: PageAllocator, page_size: int, max_batch: int, max_prefill_tokens: int):
+        self.allocator, self.page_size = allocator, page_size
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []      # admission order: oldest first
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        return next((s for s in itertools.chain(self.running, self.waiting) if s.request_id == request_id), None)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def schedule(self) -> StepPlan:
+        self._admit()
+        plan = StepPlan([], [], [])
+        in_step: set[int] = set()
+        for seq in [s for s in self.running if s.num_uncached == 1]:
+            if seq in self.running and self._grow(seq, 1, in_step, plan):
+                plan.decodes.append(seq)
+                in_step.add(id(seq))
+        budget = self.max_prefill_tokens
+        for seq in [s for s in self.running if s.num_uncached > 1]:
+            if budget <= 0:
+                break
+            n = min(seq.num_uncached, budget)
+            if seq in self.running and self._grow(seq, n, in_step, plan):
+                plan.prefills.append((seq, n))
+                in_step.add(id(seq))
+                budget -= n
+        return plan
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            if pages_for(seq.num_tokens + 1, self.page_size) - len(seq.pages) > self.allocator.num_free:
+                break  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            self.running.append(seq)
+
+    def _grow(self, seq: Sequence, n: int, in_step: set[int], plan: StepPlan) -> bool:
+        """Give `seq` pages for n more tokens, preempting younger sequences if needed.
+        False: it must wait (only younger work is in this step, or nothing to preempt)."""
+        need = pages_for(seq.num_cached + n, self.page_size) - len(seq.pages)
+        while need > self.allocator.num_free:
+            victims = [s for s in reversed(self.running) if id(s) not in in_step]
+            if not victims or victims[0] is seq:
+                return False
+            self._preempt(victims[0])
+            plan.preempted.append(victims[0])
+        if need > 0:
+            seq.pages.extend(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages, seq.num_cached = [], 0
