@@ -4,9 +4,10 @@ from .formats import (FormatError, QuantizedTensor, QuantSpec, choose_outliers, 
                       pack_int4, pack_uint4, quantize_activation, quantize_kv, quantize_operand,
                       unpack_int4, unpack_uint4, w4a4_matmul_reference)
 from .ops import w4a4_gemm
+from .quant_ops import quantize_activation as quantize_activation_fused
 
 __all__ = [
     "FormatError", "QuantizedTensor", "QuantSpec", "choose_outliers", "dequantize_kv", "pack_int4",
-    "pack_uint4", "quantize_activation", "quantize_kv", "quantize_operand", "unpack_int4",
+    "pack_uint4", "quantize_activation", "quantize_activation_fused", "quantize_kv", "quantize_operand", "unpack_int4",
     "unpack_uint4", "w4a4_gemm", "w4a4_matmul_reference",
 ]

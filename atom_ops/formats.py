@@ -125,12 +125,19 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
 
 
+def true_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor by IEEE division on every device. (torch's CUDA kernel for a tensor divided by
+    a Python scalar multiplies by the reciprocal instead, which rounds differently in rare cases;
+    the format, and every kernel, divides.)"""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def symmetric_scale(x: torch.Tensor, qmax: int, clip: float = 1.0) -> torch.Tensor:
     """fp16 scale of each row of ``x`` (reduced over the last dim), as the format defines."""
     if not 0.0 < clip <= 1.0:
         raise FormatError(f"clip ratio must be in (0, 1], got {clip}")
     absmax = x.detach().abs().amax(dim=-1).float()
-    scale = (absmax * clip / qmax).clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE)
+    scale = true_div(absmax * clip, qmax).clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
@@ -246,7 +253,7 @@ def quantize_kv(x: torch.Tensor, group: int):
     xg = _grouped(x.float(), group)
     lo = xg.amin(dim=-1)
     hi = xg.amax(dim=-1)
-    scale = ((hi - lo) / UINT4_MAX).to(SCALE_DTYPE)
+    scale = true_div(hi - lo, UINT4_MAX).to(SCALE_DTYPE)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = lo.to(SCALE_DTYPE)
     q = torch.round((xg - zero.float()[..., None]) / scale.float()[..., None]).clamp(0, UINT4_MAX)

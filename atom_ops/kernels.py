@@ -13,8 +13,9 @@ Requirements of the compiled W4A4 kernels (checked here before any launch, ``For
 A kernel with tile_k = 128 (``--level 1``) needs group % 128 == 0 and outliers % 64 == 0; the
 extension checks each kernel's own limits again and raises with the kernel's name.
 The sm90a wgmma family (Hopper) reads staged FP8 digit-plane operands (atom_ops/staging.py):
-group 128 only, N % 8 == 0, 16-byte aligned out/residual; activations are staged per call,
-weights once per weight tensor (cached). Calls it cannot run fall back to the mma family.
+group 128 only, N % 8 == 0, 16-byte aligned out/residual; activations are staged per call
+(one CUDA kernel, or written directly by quantize_rows(staged=True)), weights once per weight
+tensor (cached). Calls it cannot run fall back to the mma family.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import weakref
 import torch
 
 from .formats import FormatError, QuantizedTensor
+from . import staging
 from .staging import StagedOperand, stage_operand
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
@@ -97,6 +99,66 @@ def staged_weight(w: QuantizedTensor) -> StagedOperand:
     return staged
 
 
+def stage_activation(a: QuantizedTensor) -> StagedOperand:
+    """Packed activation -> the wgmma family's staged format with one CUDA kernel (the torch
+    path, staging.stage_operand, is the reference)."""
+    ext = extension()
+    spec = a.spec
+    staging.check_stageable(spec)
+    m, dev = a.rows, a.packed.device
+    values = torch.empty((m, staging.staged_k(spec)), dtype=staging.FP8, device=dev)
+    scale = torch.empty((staging.staged_blocks(spec), m), dtype=torch.float32, device=dev)
+    with torch.cuda.device(dev):
+        ext.stage_packed(a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0, a.scale.data_ptr(), m,
+                         spec.k, spec.group, spec.outliers, values.data_ptr(), scale.data_ptr(), values.shape[1],
+                         torch.cuda.current_stream(dev).cuda_stream)
+    return StagedOperand(values, scale, spec)
+
+
+PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
+_X_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float, prologue: str = "none",
+                  norm_weight: torch.Tensor | None = None, eps: float = 1e-5, staged: bool = False):
+    """The fused quantization kernel (quant_ops.cu): (QuantizedTensor, StagedOperand or None), or
+    None when it does not apply (no extension, CPU tensors). Arguments are checked by the caller
+    (atom_ops.quant_ops) except the layout rules checked here."""
+    ext = extension()
+    if ext is None or not x.is_cuda:
+        return None
+    if x.dtype not in _X_DTYPE_CODE:
+        raise FormatError(f"quantize_activation: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise FormatError("quantize_activation: x rows must be contiguous (x.stride(-1) == 1)")
+    m, dev = x.shape[0], x.device
+    perm32 = None
+    if perm is not None:
+        perm32 = perm.to(device=dev, dtype=torch.int32).contiguous()
+    if norm_weight is not None:
+        norm_weight = norm_weight.to(device=dev, dtype=x.dtype).contiguous()
+    packed = torch.empty((m, spec.k_normal // 2), dtype=torch.uint8, device=dev)
+    outlier = torch.empty((m, spec.outliers), dtype=torch.int8, device=dev)
+    scale = torch.empty((m, spec.scale_columns), dtype=torch.float16, device=dev)
+    st = None
+    if staged:
+        staging.check_stageable(spec)
+        st = StagedOperand(torch.empty((m, staging.staged_k(spec)), dtype=staging.FP8, device=dev),
+                           torch.empty((staging.staged_blocks(spec), m), dtype=torch.float32, device=dev), spec)
+    with torch.cuda.device(dev):
+        try:
+            ext.quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0),
+                              perm32.data_ptr() if perm32 is not None else 0,
+                              norm_weight.data_ptr() if norm_weight is not None else 0, float(eps), PROLOGUES[prologue],
+                              float(clip), m, spec.k, spec.group, spec.outliers, packed.data_ptr(),
+                              outlier.data_ptr() if spec.outliers else 0, scale.data_ptr(),
+                              st.values.data_ptr() if st else 0, st.scale.data_ptr() if st else 0,
+                              st.values.shape[1] if st else 0, torch.cuda.current_stream(dev).cuda_stream)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+    return QuantizedTensor(packed, outlier, scale, spec), st
+
+
 def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
     """The compiled kernels' layout requirements (module docstring); raises FormatError."""
     spec = a.spec
@@ -156,7 +218,7 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
         raise FormatError(f"out must be a contiguous {out_dtype} [{m}, {n}] tensor on {dev}")
     if kernel_family(name) == "wgmma":  # Hopper family: FP8 digit-plane operands
         with torch.cuda.device(dev):
-            return staged_gemm(stage_operand(a, "a"), staged_weight(w), out_dtype, residual, name, out)
+            return staged_gemm(stage_activation(a), staged_weight(w), out_dtype, residual, name, out)
     ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream

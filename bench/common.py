@@ -5,6 +5,8 @@
 - ``write_json(path, bench, rows, command)``: the one result schema
   ``{"bench", "gpu", "versions", "command", "rows": [{"case": {...}, "impl": ..., "median_us": ...}]}``.
 - ``print_table(rows, ...)``: a plain-text table.
+- ``pyplot()``, ``finish_m_plot(...)``: the benches' matplotlib setup and "speedup vs M" axes.
+- ``write_results(...)``: JSON + text table + PNG under one stem, the way every bench saves.
 """
 
 from __future__ import annotations
@@ -104,3 +106,47 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def default_tag() -> str:
+    """File-name tag of this GPU (e.g. NVIDIA_H100_80GB_HBM3)."""
+    return gpu_name().replace(" ", "_").replace("/", "_")
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None (noted on stderr) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG", file=sys.stderr)
+        return None
+    return plt
+
+
+def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1) -> Path:
+    """Log2 token-count x axis, labels, legend; saves the figure to ``path``."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_results(out: Path, stem: str, bench: str, rows: list[dict], table_rows: list[dict], columns: list[str],
+                  command: str, plot=None, footer: str = "", **extra) -> None:
+    """``<out>/<stem>.json`` (write_json schema), ``.txt`` (the printed table + footer) and, when
+    ``plot(path)`` is given and matplotlib is present, ``.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = write_json(out / f"{stem}.json", bench, rows, command, **extra)
+    text = print_table(table_rows, columns)
+    if footer:
+        print(footer)
+    (out / f"{stem}.txt").write_text(text + "\n" + (footer + "\n" if footer else ""))
+    png = plot(out / f"{stem}.png") if plot else None
+    print(f"wrote {jpath}" + (f" and {png}" if png else ""))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, staging
-from bench.common import RESULTS, L2Flusher, command_line, print_table, time_cuda, write_json
+from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, pyplot,
+                          time_cuda, write_results)
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096, 8192)
@@ -131,13 +132,11 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
     return out
 
 
-def plot(rows, path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG", file=sys.stderr)
+def plot(rows, path: Path, gpu: str | None = None):
+    """Speedup over torch fp16 vs M: one colour per implementation, one line style per model.
+    Redraw from a saved JSON: plot(json.load(f)["rows"], path, gpu=json["gpu"])."""
+    plt = pyplot()
+    if plt is None:
         return None
     base = {}
     for r in rows:
@@ -153,19 +152,15 @@ def plot(rows, path: Path):
         b = base.get((c["model"], c["layer"], c["M"]))
         if b:
             series.setdefault((r["impl"], c["model"]), {}).setdefault(c["M"], []).append(b / r["median_us"])
+    colors = {impl: f"C{i}" for i, impl in enumerate(sorted({impl for impl, _ in series}))}
+    styles = {model: ("-", "--", ":", "-.")[i % 4] for i, model in enumerate(sorted({m for _, m in series}))}
     for (impl, model), pts in sorted(series.items()):
         ms = sorted(pts)
         geo = [torch.tensor(pts[m]).log().mean().exp().item() for m in ms]
-        ax.plot(ms, geo, marker="o", label=f"{impl} {model}")
+        ax.plot(ms, geo, marker="o", color=colors[impl], ls=styles[model], label=f"{impl} {model}")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("speedup over torch fp16 (geomean over layers)")
-    ax.set_title(f"W4A4 GEMM vs baselines on {torch.cuda.get_device_name()}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return finish_m_plot(fig, ax, path, "speedup over torch fp16 (geomean over layers)",
+                         f"W4A4 GEMM vs baselines on {gpu or gpu_name()}", ncol=2)
 
 
 def main(argv=None) -> int:
@@ -205,7 +200,6 @@ def main(argv=None) -> int:
                     else:
                         trow[impl + "_us"] = "-"
                     rows.append(row)
-                fp16 = res.get("torch_fp16", {}).get("median_us")
                 # Ratios of our fastest path (the kernel on staged operands where it exists).
                 at = res.get("atom_kernel", res.get("atom", {})).get("median_us")
                 for base, col in (("torch_fp16", "atom_vs_fp16"), ("torch_fp8", "atom_vs_fp8"),
@@ -214,17 +208,11 @@ def main(argv=None) -> int:
                     trow[col] = f"{b / at:.2f}x" if b and at else "-"
                 table.append(trow)
                 print(f"{model} {layer} M={m}: " + ", ".join(f"{i}={trow.get(i + '_us')}" for i in res), flush=True)
-    tag = args.tag or torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-    args.out.mkdir(parents=True, exist_ok=True)
-    jpath = write_json(args.out / f"gemm_{tag}.json", "gemm", rows, command_line("bench.gemm"),
-                       kernels=kernels.kernel_names(),
-                       int8_kernels=[k["name"] for k in kernels.int8_kernels_info()])
     cols = (["model", "layer", "M", "N", "K"] + [i + "_us" for i in args.impls]
             + ["atom_vs_fp16", "atom_vs_fp8", "atom_vs_int8"])
-    text = print_table(table, cols)
-    (args.out / f"gemm_{tag}.txt").write_text(text + "\n")
-    png = plot(rows, args.out / f"gemm_{tag}.png")
-    print(f"wrote {jpath}" + (f" and {png}" if png else ""))
+    write_results(args.out, f"gemm_{args.tag or default_tag()}", "gemm", rows, table, cols, command_line("bench.gemm"),
+                  plot=lambda path: plot(rows, path), kernels=kernels.kernel_names(),
+                  int8_kernels=[k["name"] for k in kernels.int8_kernels_info()])
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, L2Flusher, command_line, print_table, write_json
+from bench.common import RESULTS, L2Flusher, command_line, finish_m_plot, pyplot, write_results
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
@@ -59,12 +59,8 @@ def measure_case(m, n, k, group, choices, iters, graph, flush) -> dict:
 
 
 def plot(table_rows, path: Path, gpu: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for model in sorted({r["model"] for r in table_rows}):
@@ -78,14 +74,8 @@ def plot(table_rows, path: Path, gpu: str):
         layer_pts = [(r["M"], r["speedup_f"]) for r in table_rows if r["model"] == model and r["speedup_f"]]
         ax.scatter([p[0] for p in layer_pts], [p[1] for p in layer_pts], s=12, alpha=0.4, color=line.get_color())
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("speedup of the tuned dispatch over the default")
-    ax.set_title(f"W4A4 GEMM: tuned vs default dispatch on {gpu}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return finish_m_plot(fig, ax, path, "speedup of the tuned dispatch over the default",
+                         f"W4A4 GEMM: tuned vs default dispatch on {gpu}", legend_size=8)
 
 
 def main(argv=None) -> int:
@@ -153,18 +143,13 @@ def main(argv=None) -> int:
     overall = geomean(r["speedup_f"] for r in trows)
     per_model = {mo: geomean(r["speedup_f"] for r in trows if r["model"] == mo) for mo in args.models}
     worst_default = sorted((r for r in trows if r["speedup_f"]), key=lambda r: -r["speedup_f"])[:5]
-    tag = args.tag or gpu.slug
-    args.out.mkdir(parents=True, exist_ok=True)
-    jpath = write_json(args.out / f"tuning_{tag}.json", "tuning", rows, command_line("bench.tuning"),
-                       table=str(path), geomean_speedup=overall, geomean_speedup_per_model=per_model)
-    text = print_table(trows, ["model", "layer", "M", "N", "K", "default_us", "tuned_us", "speedup", "tuned", "note"])
     summary = [f"geometric-mean speedup tuned/default: {overall:.3f}x" if overall else "no case measured"]
     summary += [f"  {mo}: {g:.3f}x" for mo, g in per_model.items() if g]
     summary += [f"  largest gain: {r['model']} {r['layer']} M={r['M']}: {r['speedup']}" for r in worst_default[:3]]
-    print("\n".join(summary))
-    (args.out / f"tuning_{tag}.txt").write_text(text + "\n" + "\n".join(summary) + "\n")
-    png = plot(trows, args.out / f"tuning_{tag}.png", gpu.name)
-    print(f"wrote {jpath}" + (f" and {png}" if png else ""))
+    write_results(args.out, f"tuning_{args.tag or gpu.slug}", "tuning", rows, trows,
+                  ["model", "layer", "M", "N", "K", "default_us", "tuned_us", "speedup", "tuned", "note"],
+                  command_line("bench.tuning"), plot=lambda p: plot(trows, p, gpu.name), footer="\n".join(summary),
+                  table=str(path), geomean_speedup=overall, geomean_speedup_per_model=per_model)
     return 0
 
 

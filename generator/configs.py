@@ -19,7 +19,7 @@ Families:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,7 @@ Layout of ``<out>/`` (default build/generated/):
     <arch>/<kernel name>.cu        one translation unit per kernel
     <arch>/registry.cpp            that arch's kernel table and dispatch if-chains
     registry_all.cpp               all archs' tables, and the arch choice at run time
+    quant_ops.cu                   fused activation quantization + staging, built for every arch
     binding.cpp                    the pybind11 module atom_ops._C
     sources.cmake                  ATOM_GENERATED_ARCHS, ATOM_SOURCES_<arch>, ATOM_GENCODE_<arch>
     manifest.json                  what was emitted (names, configs, culls), for tools and tests
@@ -149,6 +150,7 @@ def emit(manifest: Manifest, out: Path, dispatch: dict[str, ArchDispatch] | None
         arch_ctx.append({"arch": arch, "info": info, "sources": sorted(keep)})
 
     put(out / "registry_all.cpp", render("registry_all.cpp.j2", archs=arch_ctx))
+    put(out / "quant_ops.cu", render("quant_ops.cu.j2"))
     put(out / "binding.cpp", render("binding.cpp.j2"))
     put(out / "sources.cmake", render("sources.cmake.j2", archs=arch_ctx))
     # Arch directories from earlier runs that this run does not emit: drop their sources.
