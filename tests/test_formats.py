@@ -126,3 +126,19 @@ def test_kv_quantization_roundtrip_bound():
     assert p.shape == (2, 3, 10, 32) and s.shape == (2, 3, 10, 1)
     xd = F.dequantize_kv(p, s, z, 64)
     assert torch.all((xd - x).abs() <= s.float() / 2 + 2e-2)
+
+
+def test_scale_rule_divides_on_every_device():
+    # The format divides (absmax * clip / qmax); torch's CUDA kernel for tensor / python-scalar
+    # would multiply by the reciprocal, which rounds differently: true_div must be a real
+    # IEEE float32 division, and symmetric_scale must use it.
+    import numpy as np
+    x = torch.rand(200_000) * 100
+    want = torch.from_numpy(x.numpy() / np.float32(7))
+    assert torch.equal(F.true_div(x, 7), want)
+    recip = x * (1 / 7)
+    assert not torch.equal(recip, want)  # the two rules really differ on this data
+    g = torch.randn(64, 128)
+    absmax = g.abs().amax(-1)
+    expect = torch.from_numpy((absmax.numpy() * np.float32(0.9)) / np.float32(7)).half()
+    assert torch.equal(F.symmetric_scale(g, 7, 0.9), expect)

@@ -135,7 +135,6 @@ def test_op_dispatch_and_errors():
 
 @needs_gpu
 def test_opcheck_cuda():
-    # Added after the last H100 run: not yet run on a GPU (the CPU opcheck passes).
     spec = QuantSpec(4096, 128, 128)
     a, w, res = make_operands(5, 256, spec, torch.float16, True)
     for r in (None, res):
