@@ -125,10 +125,11 @@ def pyplot():
     return plt
 
 
-def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1) -> Path:
-    """Log2 token-count x axis, labels, legend; saves the figure to ``path``."""
+def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1,
+                  xlabel: str = "M (tokens)") -> Path:
+    """Log2 x axis (token count by default), labels, legend; saves the figure to ``path``."""
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("M (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=legend_size, ncol=ncol)

@@ -188,3 +188,32 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, recipe: Recipe, ba
             layer.self_attn.kv_quantizer = KV4Quantizer(recipe.kv_group)
         captured = _run_layer(layer, captured)
     return report
+
+
+@torch.no_grad()
+def quantize_model_uncalibrated(model: nn.Module, recipe: Recipe, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Atom's format without calibration, for speed benchmarks on random weights (bench/e2e.py):
+    a seeded random channel permutation per input group (shared by q/k/v and gate/up, as in
+    the real pipeline), round-to-nearest weights with the recipe's clip, KV4 when the recipe
+    asks. Same kernels, shapes and bytes as a calibrated checkpoint; not an accuracy recipe."""
+    if not recipe.kernel_compatible:
+        raise ValueError("quantize_model_uncalibrated needs a W4A4 recipe with group 64 or 128")
+    gen = torch.Generator().manual_seed(seed)
+    for layer in tqdm(model.model.layers, desc="quantize layers (RTN, random order)", disable=not progress):
+        for names in INPUT_GROUPS.values():
+            lins = [_get(layer, name) for name in names]
+            k = lins[0].in_features
+            spec = recipe.spec_for(k)
+            perm = torch.randperm(k, generator=gen).to(lins[0].weight.device)
+            w = torch.cat([lin.weight.detach().float() for lin in lins], dim=0)[:, perm]
+            qt = gptq.rtn_quantize(w, spec, recipe.weight_clip)
+            row = 0
+            for name, lin in zip(names, lins):
+                rows = slice(row, row + lin.out_features)
+                row += lin.out_features
+                part = QuantizedTensor(qt.packed[rows], qt.outlier[rows], qt.scale[rows], spec)
+                bias = lin.bias.detach() if lin.bias is not None else None
+                _set(layer, name, AtomLinear.from_quantized(part, perm, recipe.act_clip, bias).to(lin.weight.device))
+        if recipe.kv_bits == 4:
+            layer.self_attn.kv_quantizer = KV4Quantizer(recipe.kv_group)
+    return model

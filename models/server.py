@@ -7,7 +7,8 @@ the EngineLoop (which runs the engine in its own thread) and await the tokens; s
 server-sent events ("data: {json}" lines, then "data: [DONE]"). Errors are OpenAI-shaped
 `{"error": {"message", "type", "code"}}`: 400 for malformed JSON, bad fields or a prompt longer
 than the context, 429 when the bounded queue is full, 500 if the engine fails a request. A
-client that disconnects mid-stream has its request aborted and its KV pages freed.
+client that disconnects (mid-stream, or while a non-streaming request runs) has its request
+aborted and its KV pages freed.
 
 Supported fields: model (ignored: one model per server), prompt (string or token ids),
 messages, max_tokens (chat: also max_completion_tokens), temperature, top_p, seed, stop, stream,
@@ -16,12 +17,13 @@ n (1 only). Chat prompts use the ChatML template documented in models/engine/tex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -129,7 +131,16 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str) -> FastAPI:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def respond(kind: str, body: _Body, prompt_ids: list[int], params: SamplingParams,
+    async def abort_on_disconnect(request: Request, stream) -> None:
+        """Non-streaming requests: nothing is written until the end, so poll for the client
+        hanging up and abort the request (freeing its pages) when it does."""
+        while not stream.finished:
+            if await request.is_disconnected():
+                loop.abort(stream.request_id)
+                return
+            await asyncio.sleep(0.05)
+
+    async def respond(request: Request, kind: str, body: _Body, prompt_ids: list[int], params: SamplingParams,
                       extra_stop: tuple[str, ...] = ()):
         stream = loop.submit(prompt_ids, params)  # RequestError -> 400, QueueFull -> 429
         text = TextStream(tokenizer, stop_strings(body) + list(extra_stop))
@@ -145,8 +156,12 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str) -> FastAPI:
 
         if not body.stream:
             parts, reason, n = [], None, 0
-            async for piece, reason, n in pieces(stream, text):
-                parts.append(piece)
+            watcher = asyncio.create_task(abort_on_disconnect(request, stream))
+            try:
+                async for piece, reason, n in pieces(stream, text):
+                    parts.append(piece)
+            finally:
+                watcher.cancel()
             return {"id": rid, "object": obj, "created": created, "model": model_name,
                     "choices": [choice("".join(parts), reason, False)], "usage": usage(len(prompt_ids), n)}
 
@@ -172,12 +187,12 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         prompt_ids = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
-        return await respond("completion", body, prompt_ids, sampling(body, body.max_tokens))
+        return await respond(request, "completion", body, prompt_ids, sampling(body, body.max_tokens))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, request: Request):
         try:
             prompt = render_chat([m.model_dump() for m in body.messages])
         except ValueError as e:
@@ -186,7 +201,7 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str) -> FastAPI:
         # default: as long as the context allows (the engine caps max_tokens at the context)
         max_tokens = body.max_completion_tokens or body.max_tokens or engine.max_context
         stop_ids = chat_stop_token_ids(tokenizer)
-        return await respond("chat", body, prompt_ids, sampling(body, max_tokens, stop_ids),
+        return await respond(request, "chat", body, prompt_ids, sampling(body, max_tokens, stop_ids),
                              extra_stop=() if stop_ids else (CHAT_END,))
 
     return app

@@ -206,6 +206,26 @@ def test_client_disconnect_mid_stream_frees_the_sequence(served, monkeypatch):
     assert ok.status_code == 200
 
 
+def test_client_disconnect_without_streaming_frees_the_sequence(served, monkeypatch):
+    client, engine = served
+    step = engine.step
+
+    def slow_step():  # ~3 s for the whole request, so only an abort can free it quickly
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    req = {"prompt": "abc", "max_tokens": 60, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        client.post("/v1/completions", json=req, timeout=0.5)  # gives up and hangs up
+    t0 = time.time()
+    assert_idle(engine, within=2.0)
+    assert time.time() - t0 < 2.0
+    monkeypatch.setattr(engine, "step", step)
+    ok = client.post("/v1/completions", json={"prompt": "after", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
 def test_full_queue_answers_429(model, tok):
     """An engine loop that is not running keeps its first request in flight: the second is refused."""
     loop = EngineLoop(Engine(model, ENGINE), max_queue=1)  # never started: nothing completes

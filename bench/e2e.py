@@ -1,0 +1,211 @@
+"""End-to-end serving throughput: fp16 vs fp8 vs atom modes of models/engine, side by side.
+
+    python -m bench.e2e [--models llama-7b llama-3-8b] [--modes fp16 fp8 atom] [--batch 16 64 128 256]
+                        [--input 1024] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs]
+                        [--device cuda] [--out bench/results] [--tag h100]
+
+Each model is built from its config (models.config presets or an HF config.json) with random
+weights (normal, std 0.02), once per mode: fp16 as is, fp8 through models/engine/fp8.py, atom
+through models.quantize.quantize_model_uncalibrated (Atom's format, RTN with a random channel
+order, KV4 pages: the same kernels and bytes as a calibrated checkpoint). For every batch size,
+`batch` requests of `input` random prompt tokens and `output` generated tokens (ignore_eos) go
+into one Engine at once; after a warm-up request, the wall time until all finish is measured.
+Reported per (model, mode, batch): output tokens/s over the whole run (prefill included), decode
+tokens/s and per-step latency after the last prefill, time to first token of the batch, and how
+many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
+hold about 3.5x more than fp16 pages).
+`--layers N` keeps only the first N decoder layers (to fit or to save time; stated in the JSON).
+Writes e2e_<tag>.{json,txt,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS, command_line, default_tag, finish_m_plot, gpu_name, pyplot, write_results
+
+MODES = ("fp16", "fp8", "atom")
+
+
+def load_config(name: str, layers: int | None):
+    from models.config import LlamaConfig, preset
+    cfg = LlamaConfig.from_json(name) if name.endswith(".json") else preset(name)
+    if layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=min(layers, cfg.num_hidden_layers))
+    return cfg
+
+
+@torch.no_grad()
+def random_model(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """LlamaForCausalLM with random weights, initialised on the device (no CPU copy of 7B weights)."""
+    from models.llama import LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model = model.to_empty(device=device)  # allocated once, in the serving dtype
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.fill_(1.0)  # RMSNorm weights
+    model.tie_weights()
+    model.model.rotary_emb.reset_buffers(device)  # inv_freq in fp32, as the loaders leave it
+    return model.eval()
+
+
+def build(cfg, mode: str, device: torch.device, seed: int):
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = random_model(cfg, dtype, device, seed)
+    if mode == "fp8":
+        if device.type != "cuda":
+            raise ValueError("fp8 mode needs a CUDA GPU")
+        from models.engine.fp8 import convert_to_fp8
+        convert_to_fp8(model)
+    elif mode == "atom":
+        from models.quantize import quantize_model_uncalibrated
+        from models.recipe import Recipe
+        # The packed weights and fp16 scales are created as the format wants; no dtype cast after.
+        quantize_model_uncalibrated(model, Recipe(), seed=seed, progress=False)
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int, cuda_graphs: bool,
+              device: torch.device, seed: int) -> dict:
+    from models.engine import Engine, EngineConfig, SamplingParams
+    cfg = EngineConfig(max_batch=batch, max_context=input_len + output_len, kv_cache_bytes=kv_bytes,
+                       cuda_graphs=cuda_graphs, max_prefill_tokens=max(512, input_len))
+    engine = Engine(model, cfg)
+    from models.engine.kv_cache import page_bytes
+    fit = (engine.allocator.num_pages - 1) // engine.pages_per_seq      # held at once in this run
+    capacity = kv_bytes // (page_bytes(model, cfg.page_size, engine.dtype) * engine.pages_per_seq)  # at this budget
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, input_len), generator=gen).tolist()
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    # Warm-up: kernels, staged-weight caches, allocator.
+    engine.add_request(prompts[0][:16], SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    sync(device)
+    for p in prompts:
+        engine.add_request(p, params)
+    started = time.perf_counter()
+    first_token, prefill_done, produced, steps_after = None, None, {}, 0
+    while engine.has_work():
+        outs = engine.step()
+        for o in outs:
+            if o.error:
+                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
+            produced[o.request_id] = produced.get(o.request_id, 0) + len(o.new_token_ids)
+        if first_token is None and produced:
+            sync(device)
+            first_token = time.perf_counter() - started
+        if prefill_done is None and len(produced) == batch:
+            sync(device)
+            prefill_done = time.perf_counter()
+            tokens_at_prefill = sum(produced.values())
+        elif prefill_done is not None:
+            steps_after += 1
+    sync(device)
+    total = time.perf_counter() - started
+    tokens = sum(produced.values())
+    decode_time = max(time.perf_counter() - prefill_done, 1e-9) if prefill_done else float("nan")
+    return {"tokens": tokens, "total_s": total, "tokens_per_s": tokens / total,
+            "decode_tokens_per_s": (tokens - tokens_at_prefill) / decode_time if prefill_done else None,
+            "step_ms": 1e3 * decode_time / max(steps_after, 1), "ttft_s": first_token,
+            "kv_format": engine.kv_format, "kv_fit_sequences": fit, "kv_capacity_sequences": capacity,
+            "preemptions": engine.stats["preemptions"]}
+
+
+def plot(rows, path: Path, gpu: str | None = None):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            series.setdefault((r["impl"], r["case"]["model"]), []).append((r["case"]["batch"], r["tokens_per_s"]))
+    colors = {m: f"C{i}" for i, m in enumerate(MODES)}
+    styles = {m: ("-", "--", ":")[i % 3] for i, m in enumerate(sorted({k[1] for k in series}))}
+    for (mode, model), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors.get(mode), ls=styles[model],
+                label=f"{mode} {model}")
+    return finish_m_plot(fig, ax, path, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
+                         xlabel="batch (concurrent requests)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["llama-7b", "llama-3-8b"], help="presets or HF config.json paths")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batch", nargs="+", type=int, default=[16, 64, 128, 256])
+    p.add_argument("--input", type=int, default=1024, help="prompt tokens per request")
+    p.add_argument("--output", type=int, default=256, help="generated tokens per request")
+    p.add_argument("--kv-gib", type=float, default=30.0, help="KV cache budget per engine (GiB)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps (GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench.e2e: --device cuda but no CUDA GPU", file=sys.stderr)
+        return 2
+    rows, table = [], {}
+    for name in args.models:
+        cfg = load_config(name, args.layers)
+        for mode in args.modes:
+            try:
+                model = build(cfg, mode, device, args.seed)
+            except (ValueError, RuntimeError) as e:
+                print(f"{name} {mode}: skipped ({e})", file=sys.stderr)
+                continue
+            for batch in args.batch:
+                case = {"model": name, "layers": cfg.num_hidden_layers, "batch": batch, "input": args.input,
+                        "output": args.output, "kv_gib": args.kv_gib, "cuda_graphs": args.cuda_graphs}
+                try:
+                    r = run_batch(model, batch, args.input, args.output, int(args.kv_gib * 2**30), args.cuda_graphs,
+                                  device, args.seed)
+                except (ValueError, RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                    r = {"error": str(e).splitlines()[0][:200]}
+                rows.append({"case": case, "impl": mode, **r})
+                trow = table.setdefault((name, batch), {"model": name, "batch": batch, "input": args.input,
+                                                         "output": args.output})
+                trow[f"{mode}_tok_s"] = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "err"
+                trow[f"{mode}_step_ms"] = f"{r['step_ms']:.1f}" if "step_ms" in r else "-"
+                trow[f"{mode}_fit"] = r.get("kv_fit_sequences", "-")
+                print(f"{name} {mode} batch={batch}: " + (f"{r['tokens_per_s']:.1f} tok/s, step {r['step_ms']:.1f} ms, "
+                      f"ttft {r['ttft_s']:.2f} s, {r['kv_format']} KV holds {r['kv_fit_sequences']}"
+                      if "tokens_per_s" in r else r["error"]), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for trow in table.values():
+        for base in ("fp16", "fp8"):
+            a, b = trow.get("atom_tok_s"), trow.get(f"{base}_tok_s")
+            ok = a not in (None, "err") and b not in (None, "err")
+            trow[f"atom_vs_{base}"] = f"{float(a) / float(b):.2f}x" if ok else "-"
+    cols = ["model", "batch", "input", "output"] + [f"{m}_{c}" for m in args.modes for c in ("tok_s", "step_ms", "fit")]
+    cols += ["atom_vs_fp16", "atom_vs_fp8"]
+    write_results(args.out, f"e2e_{args.tag or default_tag()}", "e2e", rows, list(table.values()), cols,
+                  command_line("bench.e2e"), plot=lambda path: plot(rows, path), device=str(device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

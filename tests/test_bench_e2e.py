@@ -1,0 +1,34 @@
+"""bench/e2e.py end to end on the CPU with a tiny random model (fp16 and atom modes): the
+harness that measures serving throughput on the GPU (there: `python -m bench.e2e`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from bench import e2e
+from models.config import LlamaConfig
+
+
+def test_e2e_bench_runs_and_reports(tmp_path):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(0)
+    rc = e2e.main(["--models", str(path), "--modes", "fp16", "atom", "--batch", "1", "3", "--input", "12",
+                   "--output", "4", "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    data = json.loads((tmp_path / "e2e_t.json").read_text())
+    rows = {(r["impl"], r["case"]["batch"]): r for r in data["rows"]}
+    assert set(rows) == {("fp16", 1), ("fp16", 3), ("atom", 1), ("atom", 3)}
+    for (mode, batch), r in rows.items():
+        assert "error" not in r, r
+        assert r["tokens"] == batch * 4 and r["tokens_per_s"] > 0
+        assert r["kv_format"] == ("kv4" if mode == "atom" else "float")
+    assert rows[("atom", 3)]["kv_fit_sequences"] == 3  # the whole batch at once
+    assert rows[("atom", 3)]["kv_capacity_sequences"] > 3 * rows[("fp16", 3)]["kv_capacity_sequences"]  # KV4
+    text = (tmp_path / "e2e_t.txt").read_text()
+    assert "atom_vs_fp16" in text
