@@ -113,6 +113,11 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert f'return {{"{WGMMA_PREFILL.replace(out_dtype="bf16").name}", 1}};' in reg
     api = (out / "include" / "atom_w4a4_api.h").read_text()
     assert "inline int staged_k(int K, int outliers)" in api
+    # The fused quantization TU is emitted once and compiled for every arch's gencode.
+    assert "quantize_rows_kernel" in (out / "quant_ops.cu").read_text()
+    cm = (out / "sources.cmake").read_text()
+    assert 'set(ATOM_MULTIARCH_SOURCES "${CMAKE_CURRENT_LIST_DIR}/quant_ops.cu")' in cm
+    assert "compute_90a" in cm.split("ATOM_GENCODE_ALL", 1)[1].splitlines()[0]
 
 
 def test_smem_limit_depends_on_arch():
