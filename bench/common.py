@@ -125,6 +125,12 @@ def pyplot():
     return plt
 
 
+def new_figure(size=(8, 5)):
+    """(fig, ax) for a bench plot, or None without matplotlib."""
+    plt = pyplot()
+    return None if plt is None else plt.subplots(figsize=size)
+
+
 def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1,
                   xlabel: str = "M (tokens)") -> Path:
     """Log2 x axis (token count by default), labels, legend; saves the figure to ``path``."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, command_line, default_tag, finish_m_plot, gpu_name, pyplot, write_results
+from bench.common import RESULTS, command_line, default_tag, finish_m_plot, gpu_name, new_figure, write_results
 
 MODES = ("fp16", "fp8", "atom")
 
@@ -129,10 +129,10 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
 
 
 def plot(rows, path: Path, gpu: str | None = None):
-    plt = pyplot()
-    if plt is None:
+    figure = new_figure()
+    if figure is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure
     series = {}
     for r in rows:
         if "tokens_per_s" in r:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, staging
-from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, pyplot,
+from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, new_figure,
                           time_cuda, write_results)
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
@@ -135,15 +135,15 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
 def plot(rows, path: Path, gpu: str | None = None):
     """Speedup over torch fp16 vs M: one colour per implementation, one line style per model.
     Redraw from a saved JSON: plot(json.load(f)["rows"], path, gpu=json["gpu"])."""
-    plt = pyplot()
-    if plt is None:
+    figure = new_figure((9, 5.5))
+    if figure is None:
         return None
+    fig, ax = figure
     base = {}
     for r in rows:
         if r["impl"] == "torch_fp16":
             c = r["case"]
             base[(c["model"], c["layer"], c["M"])] = r["median_us"]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
     series = {}
     for r in rows:
         if r["impl"] == "torch_fp16" or "median_us" not in r:

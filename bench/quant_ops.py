@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, quant_ops, staging
-from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, pyplot,
+from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, new_figure,
                           time_cuda, write_results)
 
 
@@ -56,10 +56,10 @@ def bench_one(m, k, prologue, iters, flush, graph):
 
 
 def plot(rows, path):
-    plt = pyplot()
-    if plt is None:
+    figure = new_figure()
+    if figure is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure
     series = {}
     for r in rows:
         series.setdefault(f"{r['model']} {r['prologue']} K={r['K']}", []).append((r["M"], r["fused_vs_copy"]))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, L2Flusher, command_line, finish_m_plot, pyplot, write_results
+from bench.common import RESULTS, L2Flusher, command_line, finish_m_plot, new_figure, write_results
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
@@ -59,10 +59,10 @@ def measure_case(m, n, k, group, choices, iters, graph, flush) -> dict:
 
 
 def plot(table_rows, path: Path, gpu: str):
-    plt = pyplot()
-    if plt is None:
+    figure = new_figure()
+    if figure is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure
     for model in sorted({r["model"] for r in table_rows}):
         ms = sorted({r["M"] for r in table_rows if r["model"] == model})
         pts = [(m, geomean(r["speedup_f"] for r in table_rows if r["model"] == model and r["M"] == m)) for m in ms]
