@@ -30,6 +30,10 @@ from . import staging
 from .staging import StagedOperand, stage_operand
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+# Revision of the op path's costs (what a tuned table measured). Bumped when a change makes
+# older tables wrong: 2 = wgmma activations staged by a CUDA kernel instead of torch ops.
+# Tables written by `python -m tuning` record it; the run-time lookup ignores other revisions.
+OP_REVISION = 2
 N_ALIGN = 16
 GROUP_ALIGN = 64
 OUTLIER_ALIGN = 32
@@ -159,6 +163,33 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
     return QuantizedTensor(packed, outlier, scale, spec), st
 
 
+@functools.cache
+def _compiled_names() -> frozenset[str]:
+    return frozenset(kernel_names())
+
+
+@functools.lru_cache(maxsize=8192)
+def _tuned_choice(index: int, cc: int, m: int, n: int, k: int, group: int, outliers: int, code: int) -> tuple[str, int]:
+    """(kernel, split_k) from this GPU's tuning table (tuning/runtime.py: $ATOM_TUNING_TABLE or
+    tuning/tables/<gpu>.json, same OP_REVISION) when it tuned this (N, K) and the kernel is
+    compiled and runs the call; ('', 0) = the compiled dispatch. A table takes effect without
+    regenerating the extension."""
+    try:
+        from tuning.runtime import tuned_choice
+    except ImportError:  # tuning/ not importable (installed without it): the compiled dispatch
+        return "", 0
+    ext = extension()
+    choice = tuned_choice(torch.cuda.get_device_name(index), ext.arch_for(cc), m, n, k,
+                          "f16" if code == 0 else "bf16", OP_REVISION)
+    if choice is None or choice.kernel not in _compiled_names():
+        return "", 0
+    try:
+        ext.plan(choice.kernel, m, n, k, group, outliers, code, choice.split_k, cc)
+    except ValueError:  # the tuned kernel cannot run this call (e.g. another group size)
+        return "", 0
+    return choice.kernel, choice.split_k
+
+
 def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
     """The compiled kernels' layout requirements (module docstring); raises FormatError."""
     spec = a.spec
@@ -206,6 +237,9 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
     spec = a.spec
     m, n = a.rows, w.rows
     code = _DTYPE_CODE[out_dtype]
+    if not kernel and split_k == 0:
+        kernel, split_k = _tuned_choice(dev.index if dev.index is not None else torch.cuda.current_device(), cc,
+                                        m, n, spec.k, spec.group, spec.outliers, code)
     try:
         name, split = ext.plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, split_k, cc)
     except ValueError as e:

@@ -321,6 +321,8 @@ def test_cli_end_to_end_with_a_fake_gpu(tmp_path, monkeypatch, capsys):
             str(tmp_path / "s.sqlite3"), "--out", str(tmp_path / "t.json"), "--no-progress"]
     assert cli.main(argv) == 0
     t = table.read_table(tmp_path / "t.json")
+    from atom_ops.kernels import OP_REVISION
+    assert t["tuning"]["op_revision"] == OP_REVISION  # what the run-time lookup checks
     assert t["gpu"] == "NVIDIA Fake GPU" and t["gpu_info"] == {"sm_count": 132, "cc": 89}
     assert [(s["n"], s["k"]) for s in t["archs"][ARCH]["shapes"]] == [(4096, 4096), (4096, 11008), (12288, 4096),
                                                                      (22016, 4096)]
@@ -351,6 +353,30 @@ def test_runtime_table_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv(runtime.ENV_TABLE, "off")
     runtime.runtime_table.cache_clear()
     assert runtime.runtime_table("NVIDIA Fake GPU") is None
+    runtime.runtime_table.cache_clear()
+    runtime.tuned_choice.cache_clear()
+
+
+def test_runtime_table_needs_the_same_op_revision(tmp_path, monkeypatch):
+    """atom_ops passes its OP_REVISION: a table measured on another op path (or not saying
+    which) is ignored with a warning, one written by `python -m tuning` now is used."""
+    from atom_ops.kernels import OP_REVISION
+    from tuning import runtime
+
+    t = tuned_table()
+    t.setdefault("tuning", {}).pop("op_revision", None)
+    monkeypatch.setenv(runtime.ENV_TABLE, str(table.write_table(t, tmp_path / "old.json")))
+    runtime.runtime_table.cache_clear()
+    runtime.tuned_choice.cache_clear()
+    with pytest.warns(UserWarning, match="op revision None"):
+        assert runtime.tuned_choice("NVIDIA Fake GPU", ARCH, 1, 4096, 4096, "f16", OP_REVISION) is None
+    assert runtime.tuned_choice("NVIDIA Fake GPU", ARCH, 1, 4096, 4096, "f16") is not None  # no check asked
+    t["tuning"]["op_revision"] = OP_REVISION
+    monkeypatch.setenv(runtime.ENV_TABLE, str(table.write_table(t, tmp_path / "new.json")))
+    runtime.runtime_table.cache_clear()
+    runtime.tuned_choice.cache_clear()
+    assert runtime.tuned_choice("NVIDIA Fake GPU", ARCH, 1, 4096, 4096, "f16", OP_REVISION) == \
+        table.Choice(SK32_K, 2)
     runtime.runtime_table.cache_clear()
     runtime.tuned_choice.cache_clear()
 

@@ -210,7 +210,8 @@ def tune(args, gpu, arch: str, shapes, tasks) -> int:
             "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tuning", *sys.argv[1:]]),
             "timing": "eager" if args.eager else "cuda_graph", "iters": args.iters, "group": args.group,
             "out_dtype": TUNE_DTYPE, "min_gain": args.min_gain, "m_buckets": args.m_buckets,
-            "study_db": str(db.resolve().relative_to(REPO) if db.resolve().is_relative_to(REPO) else db)}
+            "study_db": str(db.resolve().relative_to(REPO) if db.resolve().is_relative_to(REPO) else db),
+            "op_revision": op_revision()}
     table = merge_table(existing, gpu.name, arch, entries, meta, {"sm_count": gpu.sm_count, "cc": gpu.cc})
     write_table(table, out)
     print_summary(results, args.min_gain, outcomes)
@@ -220,6 +221,15 @@ def tune(args, gpu, arch: str, shapes, tasks) -> int:
         print(f"error: {fatal}", file=sys.stderr)
         return 1
     return 0
+
+
+def op_revision() -> int | None:
+    """atom_ops' op-path revision the timings belong to (tuning/runtime.py checks it)."""
+    try:
+        from atom_ops.kernels import OP_REVISION
+    except ImportError:
+        return None
+    return OP_REVISION
 
 
 def print_summary(results, min_gain: float, outcomes) -> None:

@@ -23,8 +23,10 @@ ENV_TABLE = "ATOM_TUNING_TABLE"
 
 
 @functools.cache
-def runtime_table(gpu_name: str) -> dict | None:
-    """The validated table for ``gpu_name`` (cached per process), or None."""
+def runtime_table(gpu_name: str, op_revision: int | None = None) -> dict | None:
+    """The validated table for ``gpu_name`` (cached per process), or None. With ``op_revision``
+    (atom_ops.kernels.OP_REVISION), a table measured on another revision of the op path (or
+    one that does not say) is ignored with a warning: its timings no longer hold."""
     env = os.environ.get(ENV_TABLE, "")
     if env.lower() == "off":
         return None
@@ -42,11 +44,17 @@ def runtime_table(gpu_name: str) -> dict | None:
         warnings.warn(f"ignoring the tuning table {path}: it is for {table.get('gpu')!r}, this GPU is "
                       f"{gpu_name!r}", stacklevel=2)
         return None
+    measured = (table.get("tuning") or {}).get("op_revision")
+    if op_revision is not None and measured != op_revision:
+        warnings.warn(f"ignoring the tuning table {path}: measured on op revision {measured!r}, this atom_ops "
+                      f"is revision {op_revision}; rerun `python -m tuning`", stacklevel=2)
+        return None
     return table
 
 
 @functools.lru_cache(maxsize=4096)
-def tuned_choice(gpu_name: str, arch: str, m: int, n: int, k: int, out_dtype: str) -> Choice | None:
+def tuned_choice(gpu_name: str, arch: str, m: int, n: int, k: int, out_dtype: str,
+                 op_revision: int | None = None) -> Choice | None:
     """The table's choice for a call whose (N, K) it tuned; None otherwise (use the dispatch)."""
-    table = runtime_table(gpu_name)
+    table = runtime_table(gpu_name, op_revision)
     return lookup(table, arch, m, n, k, out_dtype, generic=False) if table else None

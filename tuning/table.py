@@ -10,7 +10,8 @@ ignores (it reads only ``max_m``, ``kernel`` and ``split_k`` of a rule and ``n``
      "gpu_info": {"sm_count": 132, "cc": 90},                        # optional
      "tuning": {"created": "...", "command": "python -m tuning ...",  # optional: how it was measured
                 "timing": "cuda_graph", "iters": 20, "group": 128, "out_dtype": "f16",
-                "min_gain": 0.02, "study_db": "tuning/studies/<gpu>.sqlite3"},
+                "min_gain": 0.02, "study_db": "tuning/studies/<gpu>.sqlite3",
+                "op_revision": 2},      # atom_ops.kernels.OP_REVISION; run-time use needs a match
      "archs": {"sm90a": {
          "rules": [...],             # generic rules (unknown shapes): the generator's default dispatch
          "shapes": [{"n": 4096, "k": 4096, "layers": ["llama-7b/o"],       # "layers": optional
