@@ -3,6 +3,7 @@
 Layout of ``<out>/`` (default build/generated/):
     include/atom_w4a4_api.h        C ABI shared by kernels, registries and the binding
     include/atom_w4a4_mma.cuh      the mma family's kernel template
+    include/atom_cutlass_run.cuh   workspace + can_implement/initialize/run for CUTLASS device GEMMs
     <arch>/<kernel name>.cu        one translation unit per kernel
     <arch>/registry.cpp            that arch's kernel table and dispatch if-chains
     registry_all.cpp               all archs' tables, and the arch choice at run time
@@ -120,7 +121,8 @@ def emit(manifest: Manifest, out: Path, dispatch: dict[str, ArchDispatch] | None
             unchanged += 1
 
     inc = out / "include"
-    headers = ["atom_w4a4_api.h.j2"] + [h for f in sorted(FAMILY_HEADERS) for h in FAMILY_HEADERS[f]]
+    headers = ["atom_w4a4_api.h.j2", "atom_cutlass_run.cuh.j2"] + [h for f in sorted(FAMILY_HEADERS)
+                                                                     for h in FAMILY_HEADERS[f]]
     for h in headers:
         put(inc / h[:-3], render(h))
     removed += _remove_stale(inc, {h[:-3] for h in headers})
