@@ -106,17 +106,13 @@ def staged_weight(w: QuantizedTensor) -> StagedOperand:
 def stage_activation(a: QuantizedTensor) -> StagedOperand:
     """Packed activation -> the wgmma family's staged format with one CUDA kernel (the torch
     path, staging.stage_operand, is the reference)."""
-    ext = extension()
-    spec = a.spec
-    staging.check_stageable(spec)
-    m, dev = a.rows, a.packed.device
-    values = torch.empty((m, staging.staged_k(spec)), dtype=staging.FP8, device=dev)
-    scale = torch.empty((staging.staged_blocks(spec), m), dtype=torch.float32, device=dev)
+    spec, m, dev = a.spec, a.rows, a.packed.device
+    st = staging.empty_staged(spec, m, dev)
     with torch.cuda.device(dev):
-        ext.stage_packed(a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0, a.scale.data_ptr(), m,
-                         spec.k, spec.group, spec.outliers, values.data_ptr(), scale.data_ptr(), values.shape[1],
-                         torch.cuda.current_stream(dev).cuda_stream)
-    return StagedOperand(values, scale, spec)
+        extension().stage_packed(a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0,
+                                 a.scale.data_ptr(), m, spec.k, spec.group, spec.outliers, st.values.data_ptr(),
+                                 st.scale.data_ptr(), st.values.shape[1], torch.cuda.current_stream(dev).cuda_stream)
+    return st
 
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -144,11 +140,7 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
     packed = torch.empty((m, spec.k_normal // 2), dtype=torch.uint8, device=dev)
     outlier = torch.empty((m, spec.outliers), dtype=torch.int8, device=dev)
     scale = torch.empty((m, spec.scale_columns), dtype=torch.float16, device=dev)
-    st = None
-    if staged:
-        staging.check_stageable(spec)
-        st = StagedOperand(torch.empty((m, staging.staged_k(spec)), dtype=staging.FP8, device=dev),
-                           torch.empty((staging.staged_blocks(spec), m), dtype=torch.float32, device=dev), spec)
+    st = staging.empty_staged(spec, m, dev) if staged else None
     with torch.cuda.device(dev):
         try:
             ext.quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0),
@@ -215,6 +207,15 @@ def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
         raise FormatError("w4a4_gemm: residual must be 4-byte aligned")
 
 
+def _output(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, dev) -> torch.Tensor:
+    """A fresh [m, n] output, or the caller's after checking it fits."""
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=dev)
+    if out.shape != (m, n) or out.dtype != dtype or out.device != dev or not out.is_contiguous():
+        raise FormatError(f"out must be a contiguous {dtype} [{m}, {n}] tensor on {dev}")
+    return out
+
+
 def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, residual,
               kernel: str = "", split_k: int = 0, out: torch.Tensor | None = None):
     """Run a compiled kernel: ``kernel`` forces one by name ('' = the dispatch table's choice),
@@ -246,13 +247,10 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
         raise FormatError(str(e)) from None
     if not name:
         return None
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or not out.is_contiguous():
-        raise FormatError(f"out must be a contiguous {out_dtype} [{m}, {n}] tensor on {dev}")
+    out = _output(out, m, n, out_dtype, dev)
     if kernel_family(name) == "wgmma":  # Hopper family: FP8 digit-plane operands
         with torch.cuda.device(dev):
-            return staged_gemm(stage_activation(a), staged_weight(w), out_dtype, residual, name, out)
+            return _launch_staged(name, stage_activation(a), staged_weight(w), code, residual, out)
     ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
@@ -287,15 +285,18 @@ def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, re
         raise FormatError(f"staged_gemm: activation spec {sa.spec} does not match weight spec {sw.spec}")
     if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype or not residual.is_contiguous()):
         raise FormatError(f"residual must be a contiguous {out_dtype} [{m}, {n}] tensor")
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != dev or not out.is_contiguous():
-        raise FormatError(f"out must be a contiguous {out_dtype} [{m}, {n}] tensor on {dev}")
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    ext.w4a4_gemm(name, 0, 0, 0, 0, 0, 0, out.data_ptr(), residual.data_ptr() if residual is not None else 0, 0,
-                  m, n, spec.k, spec.group, spec.outliers, code, 1, stream,
-                  a_staged=sa.values.data_ptr(), a_staged_scale=sa.scale.data_ptr(),
-                  w_staged=sw.values.data_ptr(), w_staged_scale=sw.scale.data_ptr(), k_staged=sw.values.shape[1])
+    return _launch_staged(name, sa, sw, code, residual, _output(out, m, n, out_dtype, dev))
+
+
+def _launch_staged(name: str, sa: StagedOperand, sw: StagedOperand, code: int, residual, out: torch.Tensor):
+    """Launch wgmma kernel ``name`` (planned, arguments checked) on the current device's stream."""
+    spec = sa.spec
+    stream = torch.cuda.current_stream(out.device).cuda_stream
+    extension().w4a4_gemm(name, 0, 0, 0, 0, 0, 0, out.data_ptr(), residual.data_ptr() if residual is not None else 0,
+                          0, sa.rows, sw.rows, spec.k, spec.group, spec.outliers, code, 1, stream,
+                          a_staged=sa.values.data_ptr(), a_staged_scale=sa.scale.data_ptr(),
+                          w_staged=sw.values.data_ptr(), w_staged_scale=sw.scale.data_ptr(),
+                          k_staged=sw.values.shape[1])
     return out
 
 

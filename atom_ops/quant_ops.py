@@ -45,7 +45,9 @@ def prologue_reference(x: torch.Tensor, prologue: str, norm_weight=None, eps: fl
     return x
 
 
-def check_quantize_args(x: torch.Tensor, spec: QuantSpec, perm, prologue: str, norm_weight) -> None:
+def check_quantize_args(x: torch.Tensor, spec: QuantSpec, perm, prologue: str, norm_weight, clip: float) -> None:
+    if not 0.0 < clip <= 1.0:
+        raise FormatError(f"clip ratio must be in (0, 1], got {clip}")
     if prologue not in PROLOGUE_NAMES:
         raise FormatError(f"prologue must be one of {PROLOGUE_NAMES}, got {prologue!r}")
     if x.dim() != 2:
@@ -92,9 +94,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec, perm: torch.Tensor | N
                         prologue: str = "none", norm_weight: torch.Tensor | None = None,
                         eps: float = 1e-5) -> QuantizedTensor:
     """Prologue + reorder + Atom quantization of token rows (module doc): the packed operand."""
-    check_quantize_args(x, spec, perm, prologue, norm_weight)
-    if not 0.0 < clip <= 1.0:
-        raise FormatError(f"clip ratio must be in (0, 1], got {clip}")
+    check_quantize_args(x, spec, perm, prologue, norm_weight, clip)
     packed, outlier, scale = _quantize_activation_op(x, perm, norm_weight, float(eps), PROLOGUE_NAMES.index(prologue),
                                                      spec.k, spec.group, spec.outliers, float(clip))
     return QuantizedTensor(packed, outlier, scale, spec)

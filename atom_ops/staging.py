@@ -76,6 +76,13 @@ class StagedOperand:
         return self.values.shape[0]
 
 
+def empty_staged(spec: QuantSpec, rows: int, device) -> StagedOperand:
+    """Uninitialized staged buffers of ``rows`` rows, for a kernel to write."""
+    check_stageable(spec)
+    return StagedOperand(torch.empty((rows, staged_k(spec)), dtype=FP8, device=device),
+                         torch.empty((staged_blocks(spec), rows), dtype=torch.float32, device=device), spec)
+
+
 def stage_operand(t: QuantizedTensor, side: str) -> StagedOperand:
     """Stage an activation (side "a") or weight (side "w") for the fp8digit kernels."""
     if side not in ("a", "w"):

@@ -131,6 +131,16 @@ def new_figure(size=(8, 5)):
     return None if plt is None else plt.subplots(figsize=size)
 
 
+def draw_series(ax, series: dict[tuple[str, str], list[tuple[float, float]]]) -> None:
+    """One line per (kind, group) key, points sorted by x: a colour per kind, a line style per group."""
+    kinds = sorted({kind for kind, _ in series})
+    groups = sorted({group for _, group in series})
+    for (kind, group), pts in sorted(series.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{kinds.index(kind) % 10}",
+                ls=("-", "--", ":", "-.")[groups.index(group) % 4], label=f"{kind} {group}")
+
+
 def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1,
                   xlabel: str = "M (tokens)") -> Path:
     """Log2 x axis (token count by default), labels, legend; saves the figure to ``path``."""

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, command_line, default_tag, finish_m_plot, gpu_name, new_figure, write_results
+from bench.common import (RESULTS, command_line, default_tag, draw_series, finish_m_plot, gpu_name, new_figure,
+                          write_results)
 
 MODES = ("fp16", "fp8", "atom")
 
@@ -137,12 +138,7 @@ def plot(rows, path: Path, gpu: str | None = None):
     for r in rows:
         if "tokens_per_s" in r:
             series.setdefault((r["impl"], r["case"]["model"]), []).append((r["case"]["batch"], r["tokens_per_s"]))
-    colors = {m: f"C{i}" for i, m in enumerate(MODES)}
-    styles = {m: ("-", "--", ":")[i % 3] for i, m in enumerate(sorted({k[1] for k in series}))}
-    for (mode, model), pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors.get(mode), ls=styles[model],
-                label=f"{mode} {model}")
+    draw_series(ax, series)
     return finish_m_plot(fig, ax, path, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
                          xlabel="batch (concurrent requests)")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, staging
-from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, new_figure,
-                          time_cuda, write_results)
+from bench.common import (RESULTS, L2Flusher, command_line, default_tag, draw_series, finish_m_plot, gpu_name,
+                          new_figure, time_cuda, write_results)
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096, 8192)
@@ -152,12 +152,8 @@ def plot(rows, path: Path, gpu: str | None = None):
         b = base.get((c["model"], c["layer"], c["M"]))
         if b:
             series.setdefault((r["impl"], c["model"]), {}).setdefault(c["M"], []).append(b / r["median_us"])
-    colors = {impl: f"C{i}" for i, impl in enumerate(sorted({impl for impl, _ in series}))}
-    styles = {model: ("-", "--", ":", "-.")[i % 4] for i, model in enumerate(sorted({m for _, m in series}))}
-    for (impl, model), pts in sorted(series.items()):
-        ms = sorted(pts)
-        geo = [torch.tensor(pts[m]).log().mean().exp().item() for m in ms]
-        ax.plot(ms, geo, marker="o", color=colors[impl], ls=styles[model], label=f"{impl} {model}")
+    draw_series(ax, {key: [(m, torch.tensor(v).log().mean().exp().item()) for m, v in pts.items()]
+                     for key, pts in series.items()})
     ax.axhline(1.0, color="gray", lw=0.8)
     return finish_m_plot(fig, ax, path, "speedup over torch fp16 (geomean over layers)",
                          f"W4A4 GEMM vs baselines on {gpu or gpu_name()}", ncol=2)

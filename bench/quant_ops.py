@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, quant_ops, staging
-from bench.common import (RESULTS, L2Flusher, command_line, default_tag, finish_m_plot, gpu_name, new_figure,
-                          time_cuda, write_results)
+from bench.common import (RESULTS, L2Flusher, command_line, default_tag, draw_series, finish_m_plot, gpu_name,
+                          new_figure, time_cuda, write_results)
 
 
 def cases(models):
@@ -62,10 +62,8 @@ def plot(rows, path):
     fig, ax = figure
     series = {}
     for r in rows:
-        series.setdefault(f"{r['model']} {r['prologue']} K={r['K']}", []).append((r["M"], r["fused_vs_copy"]))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        series.setdefault((f"{r['model']} {r['prologue']}", f"K={r['K']}"), []).append((r["M"], r["fused_vs_copy"]))
+    draw_series(ax, series)
     ax.axhline(0.7, color="gray", lw=0.8, ls="--")
     return finish_m_plot(fig, ax, path, "fused kernel GB/s / copy GB/s", f"Fused quantize on {gpu_name()}")
 

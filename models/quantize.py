@@ -122,23 +122,37 @@ def _quantize_group(lins: list[nn.Linear], stats: _InputStats, perm: torch.Tenso
     else:
         qt = gptq.rtn_quantize(w_r, spec, clip)
         wq = qt.dequantize()
-    results, row = [], 0
-    for lin in lins:
-        rows = slice(row, row + lin.out_features)
-        row += lin.out_features
+    results = []
+    for lin, rows in _row_slices(lins):
         err = gptq.weighted_error(w_r[rows], wq[rows], h_r)
         ref = gptq.weighted_error(w_r[rows], torch.zeros_like(w_r[rows]), h_r)
         rel = (err / max(ref, 1e-30)) ** 0.5
-        bias = lin.bias.detach() if lin.bias is not None else None
         if recipe.a_bits == 4 and recipe.w_bits == 4:
-            part = QuantizedTensor(qt.packed[rows], qt.outlier[rows], qt.scale[rows], spec)
-            new = AtomLinear.from_quantized(part, perm, recipe.act_clip, bias)
+            new = _atom_linear(qt, rows, perm, recipe.act_clip, lin)
         else:
             # simulated reference: weights back in the original channel order
             w_orig = wq[rows] if perm is None else wq[rows][:, torch.argsort(perm)]
-            new = FakeQuantLinear(w_orig.to(lin.weight.dtype), bias, recipe.a_bits, recipe.group, recipe.act_clip)
-        results.append((new.to(lin.weight.device), spec, clip, rel))
+            bias = lin.bias.detach() if lin.bias is not None else None
+            new = FakeQuantLinear(w_orig.to(lin.weight.dtype), bias, recipe.a_bits, recipe.group,
+                                  recipe.act_clip).to(lin.weight.device)
+        results.append((new, spec, clip, rel))
     return results
+
+
+def _row_slices(lins: list[nn.Linear]):
+    """(linear, its rows in the stacked weight) for linears stacked along the output dim."""
+    row = 0
+    for lin in lins:
+        yield lin, slice(row, row + lin.out_features)
+        row += lin.out_features
+
+
+def _atom_linear(qt: QuantizedTensor, rows: slice, perm: torch.Tensor | None, act_clip: float,
+                 lin: nn.Linear) -> AtomLinear:
+    """The AtomLinear replacing ``lin`` from its rows of a stacked quantized weight."""
+    part = QuantizedTensor(qt.packed[rows], qt.outlier[rows], qt.scale[rows], qt.spec)
+    bias = lin.bias.detach() if lin.bias is not None else None
+    return AtomLinear.from_quantized(part, perm, act_clip, bias).to(lin.weight.device)
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -207,13 +221,8 @@ def quantize_model_uncalibrated(model: nn.Module, recipe: Recipe, seed: int = 0,
             perm = torch.randperm(k, generator=gen).to(lins[0].weight.device)
             w = torch.cat([lin.weight.detach().float() for lin in lins], dim=0)[:, perm]
             qt = gptq.rtn_quantize(w, spec, recipe.weight_clip)
-            row = 0
-            for name, lin in zip(names, lins):
-                rows = slice(row, row + lin.out_features)
-                row += lin.out_features
-                part = QuantizedTensor(qt.packed[rows], qt.outlier[rows], qt.scale[rows], spec)
-                bias = lin.bias.detach() if lin.bias is not None else None
-                _set(layer, name, AtomLinear.from_quantized(part, perm, recipe.act_clip, bias).to(lin.weight.device))
+            for name, (lin, rows) in zip(names, _row_slices(lins)):
+                _set(layer, name, _atom_linear(qt, rows, perm, recipe.act_clip, lin))
         if recipe.kv_bits == 4:
             layer.self_attn.kv_quantizer = KV4Quantizer(recipe.kv_group)
     return model
