@@ -141,6 +141,20 @@ def draw_series(ax, series: dict[tuple[str, str], list[tuple[float, float]]]) ->
                 ls=("-", "--", ":", "-.")[groups.index(group) % 4], label=f"{kind} {group}")
 
 
+def series_plot(path: Path, series: dict[tuple[str, str], list[tuple[float, float]]], ylabel: str, title: str,
+                xlabel: str = "M (tokens)", reference: float | None = None, ncol: int = 1) -> Path | None:
+    """draw_series on a new figure (plus a dashed horizontal reference line), saved to ``path``;
+    None without matplotlib."""
+    figure = new_figure((9, 5.5) if ncol > 1 else (8, 5))
+    if figure is None:
+        return None
+    fig, ax = figure
+    draw_series(ax, series)
+    if reference is not None:
+        ax.axhline(reference, color="gray", lw=0.8, ls="--")
+    return finish_m_plot(fig, ax, path, ylabel, title, ncol=ncol, xlabel=xlabel)
+
+
 def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1,
                   xlabel: str = "M (tokens)") -> Path:
     """Log2 x axis (token count by default), labels, legend; saves the figure to ``path``."""

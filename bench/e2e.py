@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (RESULTS, command_line, default_tag, draw_series, finish_m_plot, gpu_name, new_figure,
-                          write_results)
+from bench.common import RESULTS, command_line, default_tag, gpu_name, series_plot, write_results
 
 MODES = ("fp16", "fp8", "atom")
 
@@ -130,17 +129,12 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
 
 
 def plot(rows, path: Path, gpu: str | None = None):
-    figure = new_figure()
-    if figure is None:
-        return None
-    fig, ax = figure
     series = {}
     for r in rows:
         if "tokens_per_s" in r:
             series.setdefault((r["impl"], r["case"]["model"]), []).append((r["case"]["batch"], r["tokens_per_s"]))
-    draw_series(ax, series)
-    return finish_m_plot(fig, ax, path, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
-                         xlabel="batch (concurrent requests)")
+    return series_plot(path, series, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
+                       xlabel="batch (concurrent requests)")
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, staging
-from bench.common import (RESULTS, L2Flusher, command_line, default_tag, draw_series, finish_m_plot, gpu_name,
-                          new_figure, time_cuda, write_results)
+from bench.common import RESULTS, L2Flusher, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096, 8192)
@@ -135,10 +134,6 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
 def plot(rows, path: Path, gpu: str | None = None):
     """Speedup over torch fp16 vs M: one colour per implementation, one line style per model.
     Redraw from a saved JSON: plot(json.load(f)["rows"], path, gpu=json["gpu"])."""
-    figure = new_figure((9, 5.5))
-    if figure is None:
-        return None
-    fig, ax = figure
     base = {}
     for r in rows:
         if r["impl"] == "torch_fp16":
@@ -152,11 +147,10 @@ def plot(rows, path: Path, gpu: str | None = None):
         b = base.get((c["model"], c["layer"], c["M"]))
         if b:
             series.setdefault((r["impl"], c["model"]), {}).setdefault(c["M"], []).append(b / r["median_us"])
-    draw_series(ax, {key: [(m, torch.tensor(v).log().mean().exp().item()) for m, v in pts.items()]
-                     for key, pts in series.items()})
-    ax.axhline(1.0, color="gray", lw=0.8)
-    return finish_m_plot(fig, ax, path, "speedup over torch fp16 (geomean over layers)",
-                         f"W4A4 GEMM vs baselines on {gpu or gpu_name()}", ncol=2)
+    geomeans = {key: [(m, torch.tensor(v).log().mean().exp().item()) for m, v in pts.items()]
+                for key, pts in series.items()}
+    return series_plot(path, geomeans, "speedup over torch fp16 (geomean over layers)",
+                       f"W4A4 GEMM vs baselines on {gpu or gpu_name()}", reference=1.0, ncol=2)
 
 
 def main(argv=None) -> int:

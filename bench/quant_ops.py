@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, quant_ops, staging
-from bench.common import (RESULTS, L2Flusher, command_line, default_tag, draw_series, finish_m_plot, gpu_name,
-                          new_figure, time_cuda, write_results)
+from bench.common import RESULTS, L2Flusher, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
 
 
 def cases(models):
@@ -56,16 +55,11 @@ def bench_one(m, k, prologue, iters, flush, graph):
 
 
 def plot(rows, path):
-    figure = new_figure()
-    if figure is None:
-        return None
-    fig, ax = figure
     series = {}
     for r in rows:
         series.setdefault((f"{r['model']} {r['prologue']}", f"K={r['K']}"), []).append((r["M"], r["fused_vs_copy"]))
-    draw_series(ax, series)
-    ax.axhline(0.7, color="gray", lw=0.8, ls="--")
-    return finish_m_plot(fig, ax, path, "fused kernel GB/s / copy GB/s", f"Fused quantize on {gpu_name()}")
+    return series_plot(path, series, "fused kernel GB/s / copy GB/s", f"Fused quantize on {gpu_name()}",
+                       reference=0.7)
 
 
 def main(argv=None) -> int:
