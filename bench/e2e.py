@@ -2,7 +2,7 @@
 
     python -m bench.e2e [--models llama-7b llama-3-8b] [--modes fp16 fp8 atom] [--batch 16 64 128 256]
                         [--input 1024] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs]
-                        [--device cuda] [--out bench/results] [--tag h100]
+                        [--device cuda] [--out bench/results] [--tag h100] [--profile N]
 
 Each model is built from its config (models.config presets or an HF config.json) with random
 weights (normal, std 0.02), once per mode: fp16 as is, fp8 through models/engine/fp8.py, atom
@@ -15,6 +15,8 @@ tokens/s and per-step latency after the last prefill, time to first token of the
 many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
 hold about 3.5x more than fp16 pages).
 `--layers N` keeps only the first N decoder layers (to fit or to save time; stated in the JSON).
+`--profile N` also runs N decode steps of the largest batch (no CUDA graphs) under torch.profiler
+and prints where a step's GPU time goes, per kernel, into e2e_<tag>_profile.txt: what limits each mode.
 Writes e2e_<tag>.{json,txt,png}.
 """
 
@@ -128,6 +130,39 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
             "preemptions": engine.stats["preemptions"]}
 
 
+def _decode_engine(model, batch: int, input_len: int, kv_bytes: int, seed: int):
+    """An engine with `batch` sequences of `input_len` random tokens, all prefilled (no CUDA graphs:
+    the profiler then sees every kernel of a decode step)."""
+    from models.engine import Engine, EngineConfig, SamplingParams
+    engine = Engine(model, EngineConfig(max_batch=batch, max_context=input_len + 64, kv_cache_bytes=kv_bytes,
+                                        cuda_graphs=False, max_prefill_tokens=max(512, input_len)))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, model.config.vocab_size, (input_len,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=64, ignore_eos=True))
+    produced = set()
+    while len(produced) < batch:  # until every sequence has its first token: prefill is over
+        produced.update(o.request_id for o in engine.step())
+    return engine
+
+
+def profile_decode(model, mode: str, batch: int, input_len: int, kv_bytes: int, steps: int, seed: int) -> str:
+    """Per-kernel time of `steps` decode steps, as torch.profiler's table (top 20 by device time)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = next(model.parameters()).is_cuda
+    engine = _decode_engine(model, batch, input_len, kv_bytes, seed)
+    engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=20,
+                                      max_name_column_width=70)
+    return f"== {mode}: {steps} decode steps, batch {batch}, context ~{input_len} ==\n{table}\n"
+
+
 def plot(rows, path: Path, gpu: str | None = None):
     series = {}
     for r in rows:
@@ -151,12 +186,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default=None)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N decode steps of the largest batch per mode (GPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench.e2e: --device cuda but no CUDA GPU", file=sys.stderr)
         return 2
-    rows, table = [], {}
+    rows, table, profiles = [], {}, []
     for name in args.models:
         cfg = load_config(name, args.layers)
         for mode in args.modes:
@@ -182,6 +219,10 @@ def main(argv=None) -> int:
                 print(f"{name} {mode} batch={batch}: " + (f"{r['tokens_per_s']:.1f} tok/s, step {r['step_ms']:.1f} ms, "
                       f"ttft {r['ttft_s']:.2f} s, {r['kv_format']} KV holds {r['kv_fit_sequences']}"
                       if "tokens_per_s" in r else r["error"]), flush=True)
+            if args.profile:
+                profiles.append(f"{name} " + profile_decode(model, mode, max(args.batch), args.input,
+                                                            int(args.kv_gib * 2**30), args.profile, args.seed))
+                print(profiles[-1], flush=True)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -194,6 +235,8 @@ def main(argv=None) -> int:
     cols += ["atom_vs_fp16", "atom_vs_fp8"]
     write_results(args.out, f"e2e_{args.tag or default_tag()}", "e2e", rows, list(table.values()), cols,
                   command_line("bench.e2e"), plot=lambda path: plot(rows, path), device=str(device))
+    if profiles:
+        (args.out / f"e2e_{args.tag or default_tag()}_profile.txt").write_text("".join(profiles))
     return 0
 
 

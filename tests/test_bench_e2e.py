@@ -19,7 +19,8 @@ def test_e2e_bench_runs_and_reports(tmp_path):
     path.write_text(json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(0)
     rc = e2e.main(["--models", str(path), "--modes", "fp16", "atom", "--batch", "1", "3", "--input", "12",
-                   "--output", "4", "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--tag", "t"])
+                   "--output", "4", "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--tag", "t",
+                   "--profile", "2"])
     assert rc == 0
     data = json.loads((tmp_path / "e2e_t.json").read_text())
     rows = {(r["impl"], r["case"]["batch"]): r for r in data["rows"]}
@@ -32,3 +33,5 @@ def test_e2e_bench_runs_and_reports(tmp_path):
     assert rows[("atom", 3)]["kv_capacity_sequences"] > 3 * rows[("fp16", 3)]["kv_capacity_sequences"]  # KV4
     text = (tmp_path / "e2e_t.txt").read_text()
     assert "atom_vs_fp16" in text
+    profile = (tmp_path / "e2e_t_profile.txt").read_text()  # where a decode step's time goes, per mode
+    assert "== fp16: 2 decode steps, batch 3" in profile and "== atom: 2 decode steps, batch 3" in profile
