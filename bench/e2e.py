@@ -14,8 +14,9 @@ Reported per (model, mode, batch): output tokens/s over the whole run (prefill i
 tokens/s and per-step latency after the last prefill, time to first token of the batch, and how
 many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
 hold about 3.5x more than fp16 pages).
-`--layers N` keeps only the first N decoder layers (to fit or to save time; stated in the JSON).
-`--profile N` also runs N decode steps of the largest batch (no CUDA graphs) under torch.profiler
+`--layers N` keeps only the first N decoder layers of the random-weight models (to fit or to save
+time; stated in the JSON). `default` is the shipped SmolLM2 with its real weights, all layers.
+`--profile N` also runs N decode steps at `--profile-batch` (no CUDA graphs) under torch.profiler
 and prints where a step's GPU time goes, per kernel, into e2e_<tag>_profile.txt: what limits each mode.
 Writes e2e_<tag>.{json,txt,png}.
 """
@@ -36,7 +37,10 @@ MODES = ("fp16", "fp8", "atom")
 
 
 def load_config(name: str, layers: int | None):
+    """A preset name, an HF config.json, "default" (the shipped SmolLM2 GGUF) or a .gguf file."""
     from models.config import LlamaConfig, preset
+    if name == "default" or name.endswith(".gguf"):
+        return None  # real weights: build() loads the file
     cfg = LlamaConfig.from_json(name) if name.endswith(".json") else preset(name)
     if layers:
         cfg = dataclasses.replace(cfg, num_hidden_layers=min(layers, cfg.num_hidden_layers))
@@ -61,9 +65,18 @@ def random_model(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0):
     return model.eval()
 
 
-def build(cfg, mode: str, device: torch.device, seed: int):
+def real_model(name: str, dtype: torch.dtype, device: torch.device):
+    """The shipped model ("default") or a GGUF file, with its real weights."""
+    from models.loading import load_model
+    model, _, _ = load_model(None if name == "default" else name, dtype, device)
+    model.model.rotary_emb.reset_buffers(device)
+    return model.eval()
+
+
+def build(name: str, cfg, mode: str, device: torch.device, seed: int):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = random_model(cfg, dtype, device, seed)
+    real = name == "default" or name.endswith(".gguf")  # all its layers: --layers is for the big shapes
+    model = real_model(name, dtype, device) if real else random_model(cfg, dtype, device, seed)
     if mode == "fp8":
         if device.type != "cuda":
             raise ValueError("fp8 mode needs a CUDA GPU")
@@ -174,7 +187,8 @@ def plot(rows, path: Path, gpu: str | None = None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["llama-7b", "llama-3-8b"], help="presets or HF config.json paths")
+    p.add_argument("--models", nargs="+", default=["llama-7b", "llama-3-8b"],
+                   help="presets, HF config.json paths (random weights), 'default' (the shipped SmolLM2) or a .gguf")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch", nargs="+", type=int, default=[16, 64, 128, 256])
     p.add_argument("--input", type=int, default=1024, help="prompt tokens per request")
@@ -187,7 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default=None)
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="profile N decode steps of the largest batch per mode (GPU)")
+                   help="profile N decode steps per model and mode (batch --profile-batch)")
+    p.add_argument("--profile-batch", type=int, default=64)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -198,12 +213,12 @@ def main(argv=None) -> int:
         cfg = load_config(name, args.layers)
         for mode in args.modes:
             try:
-                model = build(cfg, mode, device, args.seed)
+                model = build(name, cfg, mode, device, args.seed)
             except (ValueError, RuntimeError) as e:
                 print(f"{name} {mode}: skipped ({e})", file=sys.stderr)
                 continue
             for batch in args.batch:
-                case = {"model": name, "layers": cfg.num_hidden_layers, "batch": batch, "input": args.input,
+                case = {"model": name, "layers": model.config.num_hidden_layers, "batch": batch, "input": args.input,
                         "output": args.output, "kv_gib": args.kv_gib, "cuda_graphs": args.cuda_graphs}
                 try:
                     r = run_batch(model, batch, args.input, args.output, int(args.kv_gib * 2**30), args.cuda_graphs,
@@ -220,7 +235,7 @@ def main(argv=None) -> int:
                       f"ttft {r['ttft_s']:.2f} s, {r['kv_format']} KV holds {r['kv_fit_sequences']}"
                       if "tokens_per_s" in r else r["error"]), flush=True)
             if args.profile:
-                profiles.append(f"{name} " + profile_decode(model, mode, max(args.batch), args.input,
+                profiles.append(f"{name} " + profile_decode(model, mode, args.profile_batch, args.input,
                                                             int(args.kv_gib * 2**30), args.profile, args.seed))
                 print(profiles[-1], flush=True)
             del model

@@ -20,7 +20,7 @@ def test_e2e_bench_runs_and_reports(tmp_path):
     torch.manual_seed(0)
     rc = e2e.main(["--models", str(path), "--modes", "fp16", "atom", "--batch", "1", "3", "--input", "12",
                    "--output", "4", "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--tag", "t",
-                   "--profile", "2"])
+                   "--profile", "2", "--profile-batch", "3"])
     assert rc == 0
     data = json.loads((tmp_path / "e2e_t.json").read_text())
     rows = {(r["impl"], r["case"]["batch"]): r for r in data["rows"]}
