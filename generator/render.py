@@ -8,6 +8,7 @@ Layout of ``<out>/`` (default build/generated/):
     <arch>/registry.cpp            that arch's kernel table and dispatch if-chains
     registry_all.cpp               all archs' tables, and the arch choice at run time
     quant_ops.cu                   fused activation quantization + staging, built for every arch
+    attention.cu                   INT4 KV cache: append, decode attention, gather; built for every arch
     binding.cpp                    the pybind11 module atom_ops._C
     sources.cmake                  ATOM_GENERATED_ARCHS, ATOM_SOURCES_<arch>, ATOM_GENCODE_<arch>
     manifest.json                  what was emitted (names, configs, culls), for tools and tests
@@ -55,6 +56,10 @@ def render(template: str, **ctx) -> str:
 # defining atom::check_<name> and atom::launch_<name>) and, if it needs one, a header listed
 # in FAMILY_HEADERS; registries, dispatch, binding and CMake are shared.
 FAMILY_HEADERS = {"mma": ("atom_w4a4_mma.cuh.j2",)}
+
+
+# Plain CUDA ops (no CUTLASS) compiled once for every arch's gencode (sources.cmake ATOM_MULTIARCH_SOURCES).
+MULTIARCH_SOURCES = ("quant_ops.cu", "attention.cu")
 
 
 def family_template(family: str) -> str:
@@ -152,9 +157,10 @@ def emit(manifest: Manifest, out: Path, dispatch: dict[str, ArchDispatch] | None
         arch_ctx.append({"arch": arch, "info": info, "sources": sorted(keep)})
 
     put(out / "registry_all.cpp", render("registry_all.cpp.j2", archs=arch_ctx))
-    put(out / "quant_ops.cu", render("quant_ops.cu.j2"))
+    for name in MULTIARCH_SOURCES:
+        put(out / name, render(f"{name}.j2"))
     put(out / "binding.cpp", render("binding.cpp.j2"))
-    put(out / "sources.cmake", render("sources.cmake.j2", archs=arch_ctx))
+    put(out / "sources.cmake", render("sources.cmake.j2", archs=arch_ctx, multiarch=MULTIARCH_SOURCES))
     # Arch directories from earlier runs that this run does not emit: drop their sources.
     for other in ARCHS:
         if other not in manifest.archs:

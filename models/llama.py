@@ -117,16 +117,18 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache=None) -> Tensor:
         """`kv_cache`: None (attend over x alone), or one layer's view of a paged cache with
-        `attend(q, k, v) -> out`, which stores k, v in its own page format (fp or KV4) and
+        `attend(q, k, v, cos, sin) -> out` (q after RoPE, k before it), which applies RoPE to k as it
+        stores k, v in its own page format (fp or KV4; fused into the KV4 store kernel on a GPU) and
         attends over the cached prefix plus the new tokens (models/engine)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:  # the cache's pages quantize k, v themselves (KV4 pages)
-            out = kv_cache.attend(q, k, v)
+        q = apply_rope(q, cos, sin)
+        if kv_cache is not None:
+            out = kv_cache.attend(q, k, v, cos, sin)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        k = apply_rope(k, cos, sin)
         if self.kv_quantizer is not None:
             k, v = self.kv_quantizer(k, v)
         out = self._attend(q, k, v)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -91,3 +92,37 @@ def test_compile_one_kernel(arch, family, tmp_path):
     fam = [ln.split() for ln in raw.splitlines() if "mma_family" in ln and len(ln.split()) >= 3]
     exported = [name for _, kind, name in fam if kind not in "tbdr"]  # global, weak or GNU-unique
     assert fam and all(cfg.name in name for name in exported), exported[:10]
+
+
+# The plain CUDA TUs built once for every arch (sources.cmake ATOM_MULTIARCH_SOURCES): compiled for
+# sm80 and sm90a in one nvcc call, no CUTLASS (~20 s cold for attention.cu).
+MULTIARCH_CASES = [("attention.cu", ("kv4_append", "kv4_decode_attention", "kv4_gather", "check_kv4_decode"))]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("tu, symbols", MULTIARCH_CASES)
+def test_compile_multiarch_tu(tu, symbols, tmp_path):
+    from generator.configs import ARCHS
+    out = tmp_path / "gen"
+    emit(default_manifest(["sm80"]), out)
+    src = out / tu
+    flags = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", *ARCHS["sm80"].gencode.split(),
+             *ARCHS["sm90a"].gencode.split(), "-I", str(out / "include")]
+    h = hashlib.sha256(src.read_bytes() + (out / "include" / "atom_w4a4_api.h").read_bytes())
+    h.update(" ".join(flags[:-2]).encode() + nvcc_version().encode())
+    obj = CACHE / f"{tu}-{h.hexdigest()[:16]}.o"
+    if not obj.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_suffix(".o.tmp")
+        r = subprocess.run(["nice", "-n", "10", NVCC, *flags, "-Xptxas", "-v", "-c", str(src), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        # every kernel's shared memory fits the 48 KiB static limit; spills stay a few bytes at most
+        smem = [int(x) for x in re.findall(r"(\d+) bytes smem", r.stderr)]
+        assert smem and max(smem) <= 48 * 1024, max(smem)
+        spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", r.stderr)]
+        assert max(spills, default=0) <= 16, r.stderr[-2000:]
+        tmp.replace(obj)
+    syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
+    for name in symbols:
+        assert f"atom::{name}(" in syms, name

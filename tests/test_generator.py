@@ -113,10 +113,12 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert f'return {{"{WGMMA_PREFILL.replace(out_dtype="bf16").name}", 1}};' in reg
     api = (out / "include" / "atom_w4a4_api.h").read_text()
     assert "inline int staged_k(int K, int outliers)" in api
-    # The fused quantization TU is emitted once and compiled for every arch's gencode.
+    # The plain CUDA TUs (fused quantization, KV4 attention) are emitted once and compiled for every arch's gencode.
     assert "quantize_rows_kernel" in (out / "quant_ops.cu").read_text()
     cm = (out / "sources.cmake").read_text()
-    assert 'set(ATOM_MULTIARCH_SOURCES "${CMAKE_CURRENT_LIST_DIR}/quant_ops.cu")' in cm
+    multiarch = cm.split("set(ATOM_MULTIARCH_SOURCES", 1)[1].split(")", 1)[0]
+    assert '"${CMAKE_CURRENT_LIST_DIR}/quant_ops.cu"' in multiarch and '"${CMAKE_CURRENT_LIST_DIR}/attention.cu"' in multiarch
+    assert "kv4_decode_kernel" in (out / "attention.cu").read_text()
     assert "compute_90a" in cm.split("ATOM_GENCODE_ALL", 1)[1].splitlines()[0]
 
 

@@ -1,9 +1,9 @@
-"""The serving engine: paged KV cache (float or KV4 pages), paged attention in pure torch,
+"""The serving engine: paged KV cache (float or KV4 pages), paged attention (KV4 kernels on a GPU),
 continuous-batching scheduler, sampling, CUDA-graph decode (GPU), and a background loop for
 the HTTP server (models/server.py).
 
     kv_cache.py     page pool, page formats, allocator
-    attention.py    paged attention (the function a GPU kernel replaces) and the step's batch
+    attention.py    paged attention (atom_ops' KV4 kernels or torch) and the step's batch
     scheduler.py    admission, prefill chunks, decode batches, preemption when pages run out
     runner.py       runs the model for a prefill chunk or a decode batch
     cuda_graphs.py  captured decode steps per batch bucket (GPU only)

@@ -1,8 +1,14 @@
-"""Attention over the paged KV cache, in pure torch, and the per-step batch the model sees.
+"""Attention over the paged KV cache, and the per-step batch the model sees.
 
-`paged_attention` is the one function a GPU kernel (e.g. a KV4 decode-attention kernel) would
-replace: everything it needs arrives as tensors of fixed shape for a given batch size and
-block-table width, with no host syncs, so it also runs inside a captured CUDA graph.
+`paged_attention` takes everything as tensors of fixed shape for a given batch size and
+block-table width, with no host syncs, so it also runs inside a captured CUDA graph. Its paths:
+- KV4 pages on a GPU whose shape the kernels take (atom_ops.attention): decode (one new token per
+  row) is the KV4 decode-attention kernel; prefill (T > 1) is the KV4 gather kernel (pages ->
+  contiguous fp16/bf16 K and V) followed by torch's scaled_dot_product_attention, i.e. prefill
+  compute is SDPA over the dequantized prefix plus the new tokens.
+- otherwise (float pages, the CPU, other shapes): the pages read back in torch and SDPA.
+New k, v are stored before attending (RoPE applied to k on the way in, fused into the KV4 store
+kernel on a GPU).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from atom_ops.attention import kernel_limits, kv4_decode_attention, kv4_gather
 
 
 @dataclass
@@ -38,14 +46,15 @@ class LayerKV:
     def __init__(self, batch: PagedBatch, index: int):
         self.batch, self.index = batch, index
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (after RoPE) -> out [B, Hq, T, D]."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """q [B, Hq, T, D] (after RoPE), k/v [B, Hkv, T, D] (k before RoPE), cos/sin [B, T, D]
+        -> out [B, Hq, T, D]."""
         b = self.batch
         B, Hkv, T, D = k.shape
         # store first, then read everything back: new tokens attend to their own stored
         # (for KV4: quantized) values, exactly as the unpaged model with KV4Quantizer does
         b.pages.write(self.index, b.slots, k.transpose(1, 2).reshape(B * T, Hkv, D),
-                      v.transpose(1, 2).reshape(B * T, Hkv, D))
+                      v.transpose(1, 2).reshape(B * T, Hkv, D), cos.reshape(B * T, D), sin.reshape(B * T, D))
         return paged_attention(q, b.pages, self.index, b.block_tables, b.context_lens)
 
 
@@ -56,9 +65,14 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
     keys past a row's context (the rest of its last page, padding pages) are masked out.
     """
     B, Hq, T, D = q.shape
-    k, v = pages.read(layer, block_tables)          # [B, L, Hkv, D], L = W * page_size
-    L, Hkv = k.shape[1], k.shape[2]
-    k, v = k.transpose(1, 2), v.transpose(1, 2)     # [B, Hkv, L, D]
+    if pages.kind == "kv4" and pages.fused and kernel_limits(D, pages.group, q.dtype, Hq, pages.kv_heads) is None:
+        k_pool, v_pool = pages.layer_pools(layer)
+        if T == 1:
+            return kv4_decode_attention(q[:, :, 0], k_pool, v_pool, block_tables, context_lens)[:, :, None]
+        k, v = kv4_gather(k_pool, v_pool, block_tables, q.dtype)       # [B, Hkv, L, D]
+    else:
+        k, v = (x.transpose(1, 2) for x in pages.read(layer, block_tables))  # [B, Hkv, L, D]
+    Hkv, L = k.shape[1], k.shape[2]
     if Hq != Hkv:  # GQA: each kv head serves Hq / Hkv consecutive query heads
         k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
     q_pos = context_lens[:, None] - T + torch.arange(T, device=q.device)        # [B, T]

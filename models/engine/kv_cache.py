@@ -8,7 +8,11 @@ Two page formats:
 - FloatPages: k and v as they are, in the model's dtype (fp16 on a GPU, fp32 on the CPU).
 - KV4Pages: asymmetric INT4 per token per head with an fp16 scale and zero per group along
   head_dim, exactly `atom_ops.formats.quantize_kv` / `dequantize_kv` (the pipeline's
-  KV4Quantizer), so a paged atom model sees the same K/V values as the evaluated one.
+  KV4Quantizer), so a paged atom model sees the same K/V values as the evaluated one. On a GPU
+  whose shape the kernels take (`fused`), new rows are stored by atom_ops' kv4_append kernel
+  (RoPE on k fused in) and attention reads the pages with the KV4 kernels (attention.py).
+
+`write` takes k before RoPE together with cos/sin and applies RoPE to k itself.
 
 Page 0 is never handed out: padded rows of a fixed-shape (CUDA-graph) decode batch write
 into it and read from it, and nothing else does.
@@ -21,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from atom_ops import attention as attention_ops
 from atom_ops import formats
 
 NULL_PAGE = 0
@@ -78,8 +83,12 @@ class FloatPages:
                        **_) -> int:
         return 2 * layers * page_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """k, v [N, kv_heads, head_dim] into flat slots [N]."""
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, cos: Tensor | None = None,
+              sin: Tensor | None = None) -> None:
+        """k, v [N, kv_heads, head_dim] into flat slots [N]; with cos/sin [N, head_dim], k is taken
+        before RoPE and rotated here."""
+        if cos is not None:
+            k = attention_ops.rope_reference(k, cos, sin)
         for pool, x in ((self.k, k), (self.v, v)):
             pool[layer].view(-1, *pool.shape[3:]).index_copy_(0, slots, x.to(pool.dtype))
 
@@ -108,7 +117,10 @@ class KV4Pages:
             self.pools[name] = (torch.zeros(*base, head_dim // 2, dtype=torch.uint8, device=device),
                                 torch.ones(*base, groups, dtype=formats.SCALE_DTYPE, device=device),
                                 torch.zeros(*base, groups, dtype=formats.SCALE_DTYPE, device=device))
-        self.page_size, self.dtype = page_size, dtype
+        self.page_size, self.dtype, self.kv_heads, self.head_dim = page_size, dtype, kv_heads, head_dim
+        # the CUDA kernels when they take this shape (atom_ops.attention), else the torch path
+        self.fused = (torch.device(device).type == "cuda" and attention_ops.kernels_available()
+                      and attention_ops.kernel_limits(head_dim, self.group, dtype) is None)
 
     @staticmethod
     def bytes_per_page(layers: int, page_size: int, kv_heads: int, head_dim: int, group: int, **_) -> int:
@@ -116,10 +128,16 @@ class KV4Pages:
         per_token_head = head_dim // 2 + 2 * groups * 2  # packed nibbles + fp16 scale and zero
         return 2 * layers * page_size * kv_heads * per_token_head
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        for name, x in (("k", k), ("v", v)):
-            for pool, part in zip(self.pools[name], formats.quantize_kv(x, self.group)):
-                pool[layer].view(-1, *pool.shape[3:]).index_copy_(0, slots, part)
+    def layer_pools(self, layer: int):
+        """((packed, scale, zero) of k, same of v) of one layer: the atom_ops.attention pool tuples."""
+        return tuple(tuple(t[layer] for t in self.pools[name]) for name in ("k", "v"))
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, cos: Tensor | None = None,
+              sin: Tensor | None = None) -> None:
+        """k, v [N, kv_heads, head_dim] (k before RoPE when cos/sin [N, head_dim] are given) into
+        flat slots [N]: RoPE, quantize_kv and the write, one kernel when fused."""
+        append = attention_ops.kv4_append if self.fused else attention_ops.kv4_append_reference
+        append(k, v, slots, *self.layer_pools(layer), cos, sin)
 
     def read(self, layer: int, block_tables: Tensor) -> tuple[Tensor, Tensor]:
         B, W = block_tables.shape

@@ -1,0 +1,397 @@
+"""The INT4 KV cache's ops: store new K/V rows, decode attention, and the prefill gather.
+
+One layer's pool is three tensors, as models/engine/kv_cache.py KV4Pages holds them (token slot
+s = page * page_size + offset):
+
+    packed  uint8   [pages, page_size, kv_heads, head_dim / 2]   unsigned nibbles (formats.pack_uint4)
+    scale   float16 [pages, page_size, kv_heads, G]               G = head_dim / group
+    zero    float16 [pages, page_size, kv_heads, G]
+
+value = nibble * scale + zero (formats.quantize_kv / dequantize_kv); the group is head_dim / G.
+
+    kv4_append(k, v, slots, k_pool, v_pool, cos=None, sin=None)
+        k, v [N, kv_heads, head_dim] into slots [N] (int64). With cos, sin [N, head_dim] RoPE is
+        applied to k first (HF layout: x * cos + rotate_half(x) * sin, rounded in k's dtype as torch
+        rounds it). Bit-exact with kv4_append_reference.
+    kv4_decode_attention(q, k_pool, v_pool, block_tables, context_lens, splits=0) -> [B, Hq, head_dim]
+        One query token per row, q [B, Hq, head_dim], over the row's first context_lens[b] cached
+        tokens (0: a zero row); block_tables [B, W] and context_lens [B] int32 or int64. Softmax
+        scale head_dim^-0.5; GQA: query head h reads kv head h // (Hq / Hkv). float32 arithmetic.
+    kv4_gather(k_pool, v_pool, block_tables, dtype) -> k, v [B, kv_heads, W * page_size, head_dim]
+        The dequantized pages in `dtype`, bit-exact with formats.dequantize_kv(...).to(dtype).
+
+Prefill attention (T > 1 new tokens per row) has no kernel of its own: it is kv4_gather followed by
+torch's F.scaled_dot_product_attention over the dequantized prefix plus the new tokens
+(models/engine/attention.py). Decode (T = 1) is kv4_decode_attention.
+
+On CUDA tensors with the compiled extension the kernels run (attention.cu); on CPU tensors or
+without the extension the pure-torch references run. The kernels take head_dim 64 or 128, group
+32, 64 or 128, Hq / Hkv in 1..8 and float16 / bfloat16 (`kernel_limits` names what is outside);
+the references take any. Arguments are checked before any launch (FormatError). Decode does no host
+sync: its split count is a function of shapes and the SM count only, so it can be captured in a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from . import formats
+from .formats import FormatError
+
+Pool = tuple[Tensor, Tensor, Tensor]  # (packed, scale, zero) of one layer
+
+KV4_TILE = 128          # tokens per decode tile (attention.cu kTile): splits cover whole tiles
+HEAD_DIMS = (64, 128)
+GROUPS = (32, 64, 128)
+MAX_GQA = 8             # query heads per kv head the decode kernel holds
+SPLIT_TARGET = 4        # decode CTAs per SM the split rule aims for
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ------------------------------------------------------------------------- references
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [N, H, D], cos/sin [N, D]: HF's RoPE x * cos + rotate_half(x) * sin, each op in x's dtype."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+
+def pool_group(pool: Pool) -> int:
+    packed, scale, _ = pool
+    return 2 * packed.shape[-1] // scale.shape[-1]
+
+
+def kv4_append_reference(k: Tensor, v: Tensor, slots: Tensor, k_pool: Pool, v_pool: Pool,
+                         cos: Tensor | None = None, sin: Tensor | None = None) -> None:
+    """RoPE on k (when cos is given), formats.quantize_kv, and a write into the pools' slots."""
+    if cos is not None:
+        k = rope_reference(k, cos, sin)
+    group = pool_group(k_pool)
+    for pool, x in ((k_pool, k), (v_pool, v)):
+        for t, part in zip(pool, formats.quantize_kv(x, group)):
+            t.view(-1, *t.shape[2:]).index_copy_(0, slots, part)
+
+
+def _dequantized(pool: Pool, block_tables: Tensor) -> Tensor:
+    """float32 [B, kv_heads, W * page_size, head_dim] of each row's pages."""
+    B, W = block_tables.shape
+    parts = [t[block_tables].reshape(B, W * t.shape[1], *t.shape[2:]) for t in pool]
+    return formats.dequantize_kv(*parts, pool_group(pool)).transpose(1, 2)
+
+
+def kv4_gather_reference(k_pool: Pool, v_pool: Pool, block_tables: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    k, v = (_dequantized(p, block_tables).to(dtype).contiguous() for p in (k_pool, v_pool))
+    return k, v
+
+
+def kv4_decode_reference(q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor,
+                         context_lens: Tensor) -> Tensor:
+    """The paged-attention math for one query token per row, in float32 from the dequantized cache."""
+    B, Hq, D = q.shape
+    k, v = _dequantized(k_pool, block_tables), _dequantized(v_pool, block_tables)  # [B, Hkv, L, D]
+    Hkv, L = k.shape[1], k.shape[2]
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, D)  # query head h = g * R + r reads kv head g
+    scores = torch.einsum("bgrd,bgld->bgrl", qf, k) * D ** -0.5
+    visible = torch.arange(L, device=q.device)[None, :] < context_lens.to(q.device)[:, None]  # [B, L]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible token: zeros
+    return torch.einsum("bgrl,bgld->bgrd", p, v).reshape(B, Hq, D).to(q.dtype)
+
+
+# ---------------------------------------------------------------------- argument checks
+
+def kernel_limits(head_dim: int, group: int, dtype: torch.dtype, q_heads: int | None = None,
+                  kv_heads: int | None = None) -> str | None:
+    """Why the CUDA kernels cannot run this shape, or None when they can."""
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {HEAD_DIMS}"
+    if group not in GROUPS or head_dim % group:
+        return f"group {group} is not one of {GROUPS} dividing head_dim {head_dim}"
+    if dtype not in _DTYPE_CODE:
+        return f"dtype {dtype} is not float16 or bfloat16"
+    if q_heads is not None and kv_heads and q_heads // kv_heads > MAX_GQA:
+        return f"{q_heads} query heads over {kv_heads} kv heads: more than {MAX_GQA} per kv head"
+    return None
+
+
+@functools.cache
+def kernels_available() -> bool:
+    """The compiled extension is there and has the KV4 entry points."""
+    from .kernels import extension  # late: the extension loads on first use
+    ext = extension()
+    return ext is not None and hasattr(ext, "kv4_decode_attention")
+
+
+def _runs_kernel(t: Tensor) -> bool:
+    return t.is_cuda and kernels_available()
+
+
+def _check_devices(op: str, **tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise FormatError(f"{op}: tensors on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    return first
+
+
+def pool_dims(pool: Pool, op: str, name: str) -> tuple[int, int, int, int]:
+    """(page_size, kv_heads, head_dim, group) of one layer's pool after checking its three tensors."""
+    if not (isinstance(pool, (tuple, list)) and len(pool) == 3):
+        raise FormatError(f"{op}: {name} must be a (packed, scale, zero) tuple")
+    packed, scale, zero = pool
+    if packed.dtype != torch.uint8 or packed.dim() != 4:
+        raise FormatError(f"{op}: {name} packed must be uint8 [pages, page_size, kv_heads, head_dim / 2], "
+                          f"got {packed.dtype} {tuple(packed.shape)}")
+    for label, t in (("scale", scale), ("zero", zero)):
+        if t.dtype != formats.SCALE_DTYPE or t.dim() != 4 or t.shape[:3] != packed.shape[:3]:
+            raise FormatError(f"{op}: {name} {label} must be float16 {tuple(packed.shape[:3])} + [groups], "
+                              f"got {t.dtype} {tuple(t.shape)}")
+    if scale.shape != zero.shape:
+        raise FormatError(f"{op}: {name} scale {tuple(scale.shape)} and zero {tuple(zero.shape)} differ")
+    head_dim, groups = 2 * packed.shape[-1], scale.shape[-1]
+    if groups < 1 or head_dim % groups:
+        raise FormatError(f"{op}: {name}: {groups} groups do not divide head_dim {head_dim}")
+    if not all(t.is_contiguous() for t in pool):
+        raise FormatError(f"{op}: {name} tensors must be contiguous (one layer of a contiguous pool)")
+    _check_devices(op, packed=packed, scale=scale, zero=zero)
+    return packed.shape[1], packed.shape[2], head_dim, head_dim // groups
+
+
+def _pools(k_pool: Pool, v_pool: Pool, op: str) -> tuple[int, int, int, int]:
+    dims = pool_dims(k_pool, op, "k_pool")
+    if pool_dims(v_pool, op, "v_pool") != dims or v_pool[0].shape != k_pool[0].shape:
+        raise FormatError(f"{op}: k_pool {tuple(k_pool[0].shape)} and v_pool {tuple(v_pool[0].shape)} "
+                          "have different shapes or groups")
+    return dims
+
+
+def _kernel_check(op: str, t: Tensor, *limits) -> None:
+    if _runs_kernel(t):
+        why = kernel_limits(*limits)
+        if why:
+            raise FormatError(f"{op}: the CUDA kernel cannot run this call: {why}")
+
+
+def _check_index(op: str, name: str, t: Tensor, dims: int) -> None:
+    if t.dtype not in _INDEX_DTYPES or t.dim() != dims:
+        raise FormatError(f"{op}: {name} must be a {dims}-D int32 or int64 tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def check_append_args(k, v, slots, k_pool, v_pool, cos, sin) -> None:
+    op = "kv4_append"
+    page_size, kv_heads, head_dim, group = _pools(k_pool, v_pool, op)
+    if k.dim() != 3 or k.shape[1:] != (kv_heads, head_dim) or v.shape != k.shape:
+        raise FormatError(f"{op}: k and v must be [N, {kv_heads}, {head_dim}] to match the pool, got "
+                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not k.is_floating_point() or v.dtype != k.dtype:
+        raise FormatError(f"{op}: k and v must share one floating dtype, got {k.dtype} and {v.dtype}")
+    if slots.dtype != torch.int64 or slots.shape != (k.shape[0],):
+        raise FormatError(f"{op}: slots must be int64 [{k.shape[0]}], got {slots.dtype} {tuple(slots.shape)}")
+    if (cos is None) != (sin is None):
+        raise FormatError(f"{op}: pass cos and sin together")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.shape != (k.shape[0], head_dim) or t.dtype != k.dtype:
+                raise FormatError(f"{op}: {name} must be {k.dtype} [{k.shape[0]}, {head_dim}], "
+                                  f"got {t.dtype} {tuple(t.shape)}")
+    _check_devices(op, k=k, v=v, slots=slots, cos=cos, sin=sin, pool=k_pool[0], v_pool=v_pool[0])
+    _kernel_check(op, k, head_dim, group, k.dtype)
+    if _runs_kernel(k) and k_pool[0].shape[0] * page_size >= 2 ** 31:
+        raise FormatError(f"{op}: the pool has >= 2^31 slots")
+
+
+def check_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
+    op = "kv4_decode_attention"
+    page_size, kv_heads, head_dim, group = _pools(k_pool, v_pool, op)
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise FormatError(f"{op}: q must be [B, q_heads, {head_dim}] (one token per row), got {tuple(q.shape)}")
+    if not q.is_floating_point():
+        raise FormatError(f"{op}: q must be floating point, got {q.dtype}")
+    if q.shape[1] % kv_heads or q.shape[1] == 0:
+        raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
+    _check_index(op, "block_tables", block_tables, 2)
+    _check_index(op, "context_lens", context_lens, 1)
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise FormatError(f"{op}: block_tables {tuple(block_tables.shape)} and context_lens "
+                          f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
+    _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool[0], v_pool=v_pool[0])
+    _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
+
+
+def check_gather_args(k_pool, v_pool, block_tables, dtype) -> None:
+    op = "kv4_gather"
+    _, _, head_dim, group = _pools(k_pool, v_pool, op)
+    _check_index(op, "block_tables", block_tables, 2)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FormatError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
+    _check_devices(op, block_tables=block_tables, k_pool=k_pool[0], v_pool=v_pool[0])
+    _kernel_check(op, block_tables, head_dim, group, dtype)
+
+
+# --------------------------------------------------------------------- kernel launches
+# Arguments checked by the public functions; `ext` is the compiled module, `stream` a raw handle.
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def decode_splits(batch: int, kv_heads: int, max_len: int, sms: int) -> int:
+    """CTAs per (row, kv head) for decode: about SPLIT_TARGET CTAs per SM in all, each over whole
+    128-token tiles, no split left empty at full width. Depends on shapes and the SM count only
+    (never on context_lens), so a captured CUDA graph stays valid for any lengths."""
+    tiles = max(1, math.ceil(max_len / KV4_TILE))
+    want = math.ceil(SPLIT_TARGET * sms / max(1, batch * kv_heads))
+    per_split = math.ceil(tiles / max(1, min(tiles, want)))
+    return math.ceil(tiles / per_split)
+
+
+def _ptrs(pool: Pool) -> list[int]:
+    return [t.data_ptr() for t in pool]
+
+
+def _launch_append(ext, k, v, slots, k_pool, v_pool, cos, sin, stream: int) -> None:
+    n, kv_heads, head_dim = k.shape
+    if n == 0:
+        return
+    k, v = (x if x.stride(2) == 1 and x.stride(1) == head_dim else x.contiguous() for x in (k, v))
+    ld_rope = 0
+    if cos is not None:
+        if not (cos.stride(1) == 1 and sin.stride(1) == 1 and cos.stride(0) == sin.stride(0)):
+            cos, sin = cos.contiguous(), sin.contiguous()
+        ld_rope = cos.stride(0) if n > 1 else head_dim  # a size-1 dim's stride means nothing
+    ld_k, ld_v = (x.stride(0) if n > 1 else kv_heads * head_dim for x in (k, v))
+    packed = k_pool[0]
+    ext.kv4_append(k.data_ptr(), v.data_ptr(), ld_k, ld_v, cos.data_ptr() if cos is not None else 0,
+                   sin.data_ptr() if sin is not None else 0, ld_rope, slots.contiguous().data_ptr(),
+                   _DTYPE_CODE[k.dtype], n, kv_heads, head_dim, pool_group(k_pool), packed.shape[0] * packed.shape[1],
+                   *_ptrs(k_pool), *_ptrs(v_pool), stream)
+
+
+def _launch_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: int, sms: int, stream: int) -> Tensor:
+    B, q_heads, head_dim = q.shape
+    page_size, kv_heads = k_pool[0].shape[1], k_pool[0].shape[2]
+    W = block_tables.shape[1]
+    out = torch.empty((B, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if B == 0 or W == 0:
+        return out.zero_()
+    if not (q.stride(2) == 1 and q.stride(1) == head_dim):
+        q = q.contiguous()
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    lens = context_lens.contiguous()
+    splits = splits or decode_splits(B, kv_heads, W * page_size, sms)
+    ws = torch.empty(B * q_heads * splits * (head_dim + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+    ext.kv4_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), _DTYPE_CODE[q.dtype], *_ptrs(k_pool),
+                             *_ptrs(v_pool), tables.data_ptr(), tables.stride(0), int(tables.dtype == torch.int64),
+                             lens.data_ptr(), int(lens.dtype == torch.int64), B, q_heads, kv_heads, head_dim,
+                             pool_group(k_pool), page_size, W, head_dim ** -0.5, splits,
+                             ws.data_ptr() if ws is not None else 0, out.data_ptr(), stream)
+    return out
+
+
+def _launch_gather(ext, k_pool, v_pool, block_tables, dtype, stream: int) -> tuple[Tensor, Tensor]:
+    page_size, kv_heads, head_dim = k_pool[0].shape[1], k_pool[0].shape[2], 2 * k_pool[0].shape[3]
+    B, W = block_tables.shape
+    shape = (B, kv_heads, W * page_size, head_dim)
+    k = torch.empty(shape, dtype=dtype, device=block_tables.device)
+    v = torch.empty_like(k)
+    if B * W == 0:
+        return k, v
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    ext.kv4_gather(*_ptrs(k_pool), *_ptrs(v_pool), tables.data_ptr(), tables.stride(0),
+                   int(tables.dtype == torch.int64), B, kv_heads, head_dim, pool_group(k_pool), page_size, W,
+                   _DTYPE_CODE[dtype], k.data_ptr(), v.data_ptr(), stream)
+    return k, v
+
+
+def _call(t: Tensor, launch, *args):
+    """Run a launch helper on t's device and current stream with the extension's errors as FormatError."""
+    from .kernels import extension
+    dev = t.device
+    with torch.cuda.device(dev):
+        try:
+            return launch(extension(), *args, torch.cuda.current_stream(dev).cuda_stream)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- the ops
+
+@torch.library.custom_op("atom::kv4_append",
+                         mutates_args=("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"))
+def _kv4_append_op(k: Tensor, v: Tensor, slots: Tensor, cos: Tensor | None, sin: Tensor | None, k_packed: Tensor,
+                   k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor, v_zero: Tensor) -> None:
+    k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
+    if _runs_kernel(k):
+        _call(k, _launch_append, k, v, slots, k_pool, v_pool, cos, sin)
+    else:
+        kv4_append_reference(k, v, slots, k_pool, v_pool, cos, sin)
+
+
+@_kv4_append_op.register_fake
+def _(k, v, slots, cos, sin, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero):
+    return None
+
+
+@torch.library.custom_op("atom::kv4_decode_attention", mutates_args=())
+def _kv4_decode_op(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor,
+                   v_zero: Tensor, block_tables: Tensor, context_lens: Tensor, splits: int) -> Tensor:
+    k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
+    if _runs_kernel(q):
+        return _call(q, _launch_decode, q, k_pool, v_pool, block_tables, context_lens, splits, _device_sms(q.device))
+    return kv4_decode_reference(q, k_pool, v_pool, block_tables, context_lens)
+
+
+@_kv4_decode_op.register_fake
+def _(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, context_lens, splits):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("atom::kv4_gather", mutates_args=())
+def _kv4_gather_op(k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor,
+                   v_zero: Tensor, block_tables: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
+    if _runs_kernel(block_tables):
+        return _call(block_tables, _launch_gather, k_pool, v_pool, block_tables, dtype)
+    return kv4_gather_reference(k_pool, v_pool, block_tables, dtype)
+
+
+@_kv4_gather_op.register_fake
+def _(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, dtype):
+    B, W = block_tables.shape
+    shape = (B, k_packed.shape[2], W * k_packed.shape[1], 2 * k_packed.shape[3])
+    return k_packed.new_empty(shape, dtype=dtype), k_packed.new_empty(shape, dtype=dtype)
+
+
+def kv4_append(k: Tensor, v: Tensor, slots: Tensor, k_pool: Pool, v_pool: Pool, cos: Tensor | None = None,
+               sin: Tensor | None = None) -> None:
+    """(RoPE on k +) INT4 quantization of k, v [N, kv_heads, head_dim] into the pools' slots [N] (module doc)."""
+    check_append_args(k, v, slots, k_pool, v_pool, cos, sin)
+    _kv4_append_op(k, v, slots, cos, sin, *k_pool, *v_pool)
+
+
+def kv4_decode_attention(q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, context_lens: Tensor,
+                         splits: int = 0) -> Tensor:
+    """Decode attention of q [B, Hq, head_dim] over the paged KV4 cache -> [B, Hq, head_dim] in q's dtype.
+    `splits` forces the kernel's split count (0: decode_splits' rule; the reference ignores it)."""
+    check_decode_args(q, k_pool, v_pool, block_tables, context_lens)
+    if splits < 0:
+        raise FormatError(f"kv4_decode_attention: splits must be >= 0, got {splits}")
+    return _kv4_decode_op(q, *k_pool, *v_pool, block_tables, context_lens, int(splits))
+
+
+def kv4_gather(k_pool: Pool, v_pool: Pool, block_tables: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Dequantized K and V [B, kv_heads, W * page_size, head_dim] in `dtype` of block_tables [B, W]'s pages."""
+    check_gather_args(k_pool, v_pool, block_tables, dtype)
+    return _kv4_gather_op(*k_pool, *v_pool, block_tables, dtype)

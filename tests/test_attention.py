@@ -1,0 +1,499 @@
+"""The INT4 KV cache ops (atom_ops/attention.py): kv4_append, kv4_decode_attention, kv4_gather.
+
+CPU: the references against the model's RoPE, formats.quantize_kv / dequantize_kv and the engine's
+torch paged attention; argument errors; the decode split rule; opcheck.
+GPU (`gpu` marker): each CUDA kernel against its reference over many shapes (kv4_append and
+kv4_gather bit-exact; decode within fp16 / bf16 output rounding), CUDA-graph capture of decode,
+and the engine on the kernels. Memcheck on a few cases:
+    compute-sanitizer --tool memcheck python tests/test_attention.py --sanitize
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+
+import pytest
+import torch
+
+from atom_ops import attention as A
+from atom_ops import formats
+from atom_ops.formats import FormatError
+
+# Decode output tolerance, relative to max |v| of the pages read: the kernel and the float32
+# reference round the same float result to the output dtype (1 ulp apart at most) plus float noise.
+DECODE_TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+
+
+def random_pool(pages: int, page_size: int, kv_heads: int, head_dim: int, group: int, seed: int, device="cpu"):
+    """A (packed, scale, zero) pool of random nibbles, scales and zeros (values within about +-4)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = head_dim // group
+    packed = torch.randint(0, 256, (pages, page_size, kv_heads, head_dim // 2), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(pages, page_size, kv_heads, groups, generator=g) * 0.2 + 0.01).half()
+    zero = torch.randn(pages, page_size, kv_heads, groups, generator=g).half()
+    return tuple(t.to(device) for t in (packed, scale, zero))
+
+
+def rope_tables(n: int, head_dim: int, dtype, seed: int, device="cpu"):
+    """cos, sin [n, head_dim] of random positions, as models/llama.py RotaryEmbedding makes them."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 8192, (n,), generator=g).float()
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    return emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
+
+
+def block_tables_for(lens, page_size: int, seed: int, extra_width: int = 0, index_dtype=torch.int64):
+    """Shuffled, non-contiguous page ids for each row (page 0 = the null page pads), and the pool size."""
+    rng = random.Random(seed)
+    need = [math.ceil(n / page_size) for n in lens]
+    width = max(max(need, default=0), 1) + extra_width
+    ids = list(range(1, sum(need) + 1))
+    rng.shuffle(ids)
+    rows, at = [], 0
+    for n in need:
+        rows.append(ids[at:at + n] + [0] * (width - n))
+        at += n
+    return torch.tensor(rows, dtype=index_dtype), sum(need) + 1
+
+
+# ------------------------------------------------------------------------------- CPU
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rope_reference_is_the_models_rope(dtype):
+    from models.llama import apply_rope
+    B, H, T, D = 2, 3, 5, 64
+    x = torch.randn(B, H, T, D).to(dtype)
+    cos, sin = rope_tables(B * T, D, dtype, 1)
+    want = apply_rope(x, cos.view(B, T, D), sin.view(B, T, D))             # [B, H, T, D]
+    got = A.rope_reference(x.transpose(1, 2).reshape(B * T, H, D), cos, sin)  # the engine's row layout
+    assert torch.equal(got, want.transpose(1, 2).reshape(B * T, H, D))
+
+
+@pytest.mark.parametrize("head_dim, group, rope", [(64, 64, True), (128, 32, False), (16, 16, True)])
+def test_append_writes_quantize_kv_of_the_roped_rows(head_dim, group, rope):
+    pages, ps, hkv, n = 5, 4, 2, 6
+    k, v = torch.randn(n, hkv, head_dim) * 3, torch.randn(n, hkv, head_dim)
+    cos, sin = rope_tables(n, head_dim, torch.float32, 2) if rope else (None, None)
+    slots = torch.tensor([3, 17, 0, 9, 12, 4])
+    k_pool, v_pool = random_pool(pages, ps, hkv, head_dim, group, 3), random_pool(pages, ps, hkv, head_dim, group, 4)
+    before = [t.clone() for t in k_pool + v_pool]
+    A.kv4_append(k, v, slots, k_pool, v_pool, cos, sin)
+    kr = A.rope_reference(k, cos, sin) if rope else k
+    for pool, old, x in ((k_pool, before[:3], kr), (v_pool, before[3:], v)):
+        for t, o, want in zip(pool, old, formats.quantize_kv(x, group)):
+            flat, oflat = t.view(-1, *t.shape[2:]), o.view(-1, *o.shape[2:])
+            assert torch.equal(flat[slots], want)
+            untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+            untouched[slots] = False
+            assert torch.equal(flat[untouched], oflat[untouched])
+
+
+def test_gather_reference_is_dequantize_kv():
+    from models.engine.kv_cache import KV4Pages
+    pages = KV4Pages(layers=2, num_pages=7, page_size=4, kv_heads=2, head_dim=64, dtype=torch.float16,
+                     device="cpu", group=32)
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(20, 2, 64, generator=g).half(), torch.randn(20, 2, 64, generator=g).half()
+    slots = torch.randperm(28, generator=g)[:20]
+    pages.write(1, slots, k, v)
+    tables = torch.tensor([[3, 1, 6], [2, 0, 5]], dtype=torch.int32)
+    got = A.kv4_gather(*pages.layer_pools(1), tables, torch.float16)
+    want = pages.read(1, tables.long())
+    for a, b in zip(got, want):
+        assert a.is_contiguous() and torch.equal(a, b.transpose(1, 2))
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (9, 3), (8, 1)])
+def test_decode_reference_matches_the_engines_paged_attention(hq, hkv):
+    from models.engine.attention import paged_attention
+    from models.engine.kv_cache import KV4Pages
+    D, ps = 64, 4
+    lens = [1, 3, 4, 5, 13]
+    tables, num_pages = block_tables_for(lens, ps, 6, extra_width=1)
+    pages = KV4Pages(layers=1, num_pages=num_pages, page_size=ps, kv_heads=hkv, head_dim=D, dtype=torch.float32,
+                     device="cpu", group=32)
+    g = torch.Generator().manual_seed(7)
+    n = num_pages * ps
+    pages.write(0, torch.arange(n), torch.randn(n, hkv, D, generator=g) * 2, torch.randn(n, hkv, D, generator=g))
+    q = torch.randn(len(lens), hq, D, generator=g) * 2
+    ctx = torch.tensor(lens)
+    want = paged_attention(q[:, :, None], pages, 0, tables, ctx)[:, :, 0]
+    got = A.kv4_decode_attention(q, *pages.layer_pools(0), tables, ctx)
+    assert (got - want).abs().max() < 1e-5
+    # a row of length 0 (a padded row) gives zeros, not NaN
+    got = A.kv4_decode_attention(q[:2], *pages.layer_pools(0), tables[:2], torch.tensor([0, 2]))
+    want = paged_attention(q[1:2, :, None], pages, 0, tables[1:2], torch.tensor([2]))[:, :, 0]
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and (got[1:] - want).abs().max() < 1e-5
+
+
+def _pools(head_dim=64, group=32, hkv=2, device="cpu"):
+    return random_pool(3, 4, hkv, head_dim, group, 1, device), random_pool(3, 4, hkv, head_dim, group, 2, device)
+
+
+def test_errors_name_the_problem():
+    kp, vp = _pools()
+    k = v = torch.randn(2, 2, 64)
+    slots = torch.tensor([1, 2])
+    with pytest.raises(FormatError, match=r"k and v must be \[N, 2, 64\]"):
+        A.kv4_append(torch.randn(2, 2, 32), v, slots, kp, vp)
+    with pytest.raises(FormatError, match="one floating dtype"):
+        A.kv4_append(k, v.half(), slots, kp, vp)
+    with pytest.raises(FormatError, match="slots must be int64"):
+        A.kv4_append(k, v, slots.int(), kp, vp)
+    with pytest.raises(FormatError, match="cos and sin together"):
+        A.kv4_append(k, v, slots, kp, vp, cos=torch.randn(2, 64))
+    with pytest.raises(FormatError, match="cos must be"):
+        A.kv4_append(k, v, slots, kp, vp, torch.randn(2, 64).half(), torch.randn(2, 64).half())
+    with pytest.raises(FormatError, match="different devices"):
+        A.kv4_append(k, v, slots.to("meta"), kp, vp)
+    with pytest.raises(FormatError, match="packed must be uint8"):
+        A.kv4_append(k, v, slots, (kp[0].int(), kp[1], kp[2]), vp)
+    with pytest.raises(FormatError, match="scale must be float16"):
+        A.kv4_append(k, v, slots, (kp[0], kp[1].float(), kp[2]), vp)
+    with pytest.raises(FormatError, match="groups do not divide"):
+        bad = random_pool(3, 4, 2, 64, 32, 1)
+        A.kv4_append(k, v, slots, (bad[0], bad[1][..., :1].expand(3, 4, 2, 3).contiguous(),
+                                   bad[2][..., :1].expand(3, 4, 2, 3).contiguous()), vp)
+    with pytest.raises(FormatError, match="different shapes or groups"):
+        A.kv4_append(k, v, slots, kp, random_pool(3, 4, 2, 64, 64, 2))
+    q, tables, ctx = torch.randn(2, 4, 64), torch.zeros(2, 3, dtype=torch.int32), torch.tensor([1, 2])
+    with pytest.raises(FormatError, match=r"q_heads \(3\) must be a positive multiple of kv_heads \(2\)"):
+        A.kv4_decode_attention(torch.randn(2, 3, 64), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="one token per row"):
+        A.kv4_decode_attention(torch.randn(2, 4, 1, 64), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="block_tables must be a 2-D int32 or int64"):
+        A.kv4_decode_attention(q, kp, vp, tables.float(), ctx)
+    with pytest.raises(FormatError, match="must have q's batch 2 rows"):
+        A.kv4_decode_attention(q, kp, vp, tables, torch.tensor([1, 2, 3]))
+    with pytest.raises(FormatError, match="must be floating point"):
+        A.kv4_decode_attention(q.int(), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="dtype must be a floating"):
+        A.kv4_gather(kp, vp, tables, torch.int8)
+
+
+def test_kernel_limits():
+    assert A.kernel_limits(128, 128, torch.float16, 32, 8) is None
+    assert A.kernel_limits(64, 32, torch.bfloat16, 9, 3) is None
+    assert "head_dim 96" in A.kernel_limits(96, 32, torch.float16)
+    assert "group 16" in A.kernel_limits(64, 16, torch.float16)
+    assert "group 128" in A.kernel_limits(64, 128, torch.float16)
+    assert "float32" in A.kernel_limits(64, 64, torch.float32)
+    assert "more than 8" in A.kernel_limits(128, 128, torch.float16, 32, 2)
+
+
+def test_decode_split_rule():
+    sms = 132
+    assert A.decode_splits(256, 32, 8192, sms) == 1          # plenty of CTAs already
+    assert A.decode_splits(1, 32, 4096, sms) == 16           # 32 tiles in chunks of 2
+    assert A.decode_splits(1, 8, 4096, sms) == 32            # one tile each
+    assert A.decode_splits(1, 8, 100, sms) == 1              # one tile in all
+    for b, h, n in [(1, 1, 1), (3, 3, 5000), (16, 8, 2048), (70, 4, 777)]:
+        s = A.decode_splits(b, h, n, sms)
+        tiles = math.ceil(n / A.KV4_TILE)
+        assert 1 <= s <= tiles and math.ceil(tiles / math.ceil(tiles / s)) == s  # no empty split at full width
+
+
+def test_opcheck_cpu():
+    kp, vp = _pools()
+    q, ctx = torch.randn(2, 4, 64), torch.tensor([5, 0])
+    tables = torch.tensor([[2, 1], [0, 0]])
+    torch.library.opcheck(torch.ops.atom.kv4_decode_attention.default, (q, *kp, *vp, tables, ctx, 0))
+    torch.library.opcheck(torch.ops.atom.kv4_gather.default, (*kp, *vp, tables, torch.float16))
+    k, v, slots = torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([0, 5, 11])
+    cos, sin = rope_tables(3, 64, torch.float32, 1)
+    torch.library.opcheck(torch.ops.atom.kv4_append.default, (k, v, slots, cos, sin, *kp, *vp))
+
+
+@pytest.mark.parametrize("layout", ["llama-7b", "llama-3-8b"])
+def test_bench_inputs_and_sdpa_baseline_agree_on_cpu(layout):
+    """bench.attention's plumbing on a tiny case: its fp16-cache baseline (both GQA forms) computes what
+    the KV4 op computes from the same pages."""
+    from bench import attention as bench
+    q, (kp, vp), tables, lens, k16, v16 = bench.make_case(layout, batch=2, context=40, device="cpu",
+                                                          dtype=torch.float32)
+    hq, hkv, d = bench.LAYOUTS[layout]
+    assert q.shape == (2, hq, d) and k16.shape == (2, hkv, 40, d) and tables.shape == (2, 3)
+    want = A.kv4_decode_attention(q, kp, vp, tables, lens)
+    for variant in bench.sdpa_variants(hq, hkv):
+        assert (bench.sdpa_decode(q, k16, v16, variant) - want).abs().max() < 1e-5, variant
+    assert bench.kv4_bytes(2, 40, hkv, d) * 128 // 68 == bench.fp16_bytes(2, 40, hkv, d) // 2  # 68 B vs 256 B
+
+
+# ------------------------------------------------------------------------------- GPU
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not A.kernels_available(),
+                               reason="needs a CUDA GPU and the compiled extension atom_ops._C")
+GPU = "cuda"  # the device of the GPU cases' tensors (a CPU emulation of the kernels may swap it)
+LAYOUTS = [(9, 3, 64), (32, 32, 128), (32, 8, 128), (8, 8, 64), (24, 3, 128), (12, 4, 64)]  # (Hq, Hkv, D)
+
+
+def append_cases(n=48, seed=0):
+    rng = random.Random(seed)
+    for i in range(n):
+        _, hkv, d = LAYOUTS[i % len(LAYOUTS)]
+        group = rng.choice([g for g in A.GROUPS if d % g == 0])
+        dtype = (torch.float16, torch.bfloat16)[(i // len(LAYOUTS)) % 2]
+        yield rng.choice([1, 2, 5, 31, 64, 257, 1000]), hkv, d, group, dtype, i % 3 != 0, rng.random() < 0.5
+
+
+def run_append_case(n, hkv, d, group, dtype, rope, strided, seed):
+    """(kernel pools, reference pools) after appending n random rows into a random pool."""
+    g = torch.Generator().manual_seed(seed)
+    ps = 16
+    pages = math.ceil(n / ps) + 3
+    x = (torch.randn(n, 3 * hkv, d, generator=g) * 4).to(dtype).to(GPU)
+    x[0, 0, :group] = 0.75                                       # a constant group: scale 0 -> 1
+    k = x[:, :hkv] if strided else x[:, :hkv].contiguous()       # rows 3 * hkv * d apart, as in a fused qkv
+    v = x[:, 2 * hkv:]
+    cos, sin = rope_tables(n, d, dtype, seed, GPU) if rope else (None, None)
+    slots = torch.randperm(pages * ps, generator=g)[:n].to(GPU)
+    base = [random_pool(pages, ps, hkv, d, group, seed + s, GPU) for s in (1, 2)]
+    got, want = [tuple(t.clone() for t in p) for p in base], [tuple(t.clone() for t in p) for p in base]
+    A.kv4_append(k, v, slots, got[0], got[1], cos, sin)
+    A.kv4_append_reference(k, v, slots, want[0], want[1], cos, sin)
+    return got, want
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_append_bit_exact():
+    bad = []
+    for i, case in enumerate(append_cases()):
+        got, want = run_append_case(*case, seed=100 + i)
+        for label, a, b in zip(("k", "v"), got, want):
+            for name, x, y in zip(("packed", "scale", "zero"), a, b):
+                if not torch.equal(x, y):
+                    bad.append(f"{case}: {label} {name} differs in {int((x != y).sum())} places")
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("d, group, ps, dtype, index_dtype", [
+    (64, 64, 16, torch.float16, torch.int64), (128, 32, 32, torch.bfloat16, torch.int32),
+    (128, 128, 16, torch.float16, torch.int32), (64, 32, 7, torch.bfloat16, torch.int64)])
+def test_gpu_gather_bit_exact(d, group, ps, dtype, index_dtype):
+    lens = [1, ps - 1, ps, ps + 1, 700, 0]
+    tables, pages = block_tables_for(lens, ps, 3, extra_width=2, index_dtype=index_dtype)
+    kp, vp = (random_pool(pages, ps, 4, d, group, s, GPU) for s in (1, 2))
+    tables = tables.to(GPU)
+    got = A.kv4_gather(kp, vp, tables, dtype)
+    want = A.kv4_gather_reference(kp, vp, tables, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    sliced = torch.cat([tables, tables], dim=1)[:, : tables.shape[1]]  # a non-contiguous table
+    assert all(torch.equal(a, b) for a, b in zip(A.kv4_gather(kp, vp, sliced, dtype), want))
+
+
+def decode_cases(n=60, seed=0):
+    rng = random.Random(seed)
+    for i in range(n):
+        hq, hkv, d = LAYOUTS[i % len(LAYOUTS)]
+        group = rng.choice([g for g in A.GROUPS if d % g == 0])
+        ps = rng.choice([16, 32])
+        b = rng.choice([1, 2, 3, 7, 16, 33, 70])
+        special = [0, 1, ps - 1, ps, ps + 1, 127, 128, 129, 1000, 5000]
+        lens = [rng.choice(special) if rng.random() < 0.6 else rng.randint(1, 5000) for _ in range(b)]
+        # the float32 reference holds K and V as [B, Hkv, max_len, D]: keep that under ~1.2 GB
+        cap = max(1, int(1.5e8 / (b * hkv * d)))
+        lens = [min(x, cap) for x in lens]
+        dtype = (torch.float16, torch.bfloat16)[(i // len(LAYOUTS)) % 2]
+        yield (b, hq, hkv, d, group, ps, lens, dtype, rng.choice([0, 0, 1, 2, 5]), rng.choice([torch.int32, torch.int64]),
+               rng.choice([0.5, 2.0, 6.0]))
+
+
+def run_decode_case(b, hq, hkv, d, group, ps, lens, dtype, splits, index_dtype, q_scale, seed):
+    """(kernel output, reference output, max |v| of the pages read)."""
+    tables, pages = block_tables_for(lens, ps, seed, extra_width=seed % 3, index_dtype=index_dtype)
+    kp, vp = (random_pool(pages, ps, hkv, d, group, seed + s, GPU) for s in (1, 2))
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, hq, d, generator=g) * q_scale).to(dtype).to(GPU)
+    tables, ctx = tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+    got = A.kv4_decode_attention(q, kp, vp, tables, ctx, splits=splits)
+    want = A.kv4_decode_reference(q, kp, vp, tables, ctx)
+    vmax = float(formats.dequantize_kv(*vp, group).abs().max())
+    return got, want, vmax
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_decode_matches_reference():
+    bad = []
+    for i, case in enumerate(decode_cases()):
+        got, want, vmax = run_decode_case(*case, seed=200 + i)
+        err = float((got.float() - want.float()).abs().max())
+        dtype = case[7]
+        if not torch.isfinite(got).all() or err > DECODE_TOL[dtype] * vmax:
+            bad.append(f"case {i} {case[:6]} lens={case[6][:8]} {dtype} splits={case[8]}: err {err:.3g} "
+                       f"(tol {DECODE_TOL[dtype] * vmax:.3g})")
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_decode_zero_length_rows_are_zero():
+    got, want, _ = run_decode_case(3, 8, 2, 128, 128, 16, [0, 40, 0], torch.float16, 3, torch.int64, 1.0, seed=5)
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_decode_in_a_cuda_graph():
+    """Captured once at full width, replayed for other context lengths: no host sync in the op."""
+    b, hq, hkv, d, group, ps = 4, 32, 8, 128, 128, 16
+    lens = [1000, 17, 1, 640]
+    tables, pages = block_tables_for(lens, ps, 9)
+    kp, vp = (random_pool(pages, ps, hkv, d, group, s, "cuda") for s in (1, 2))
+    q = torch.randn(b, hq, d, device="cuda").half()
+    tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
+    for _ in range(2):  # warm-up off the capture
+        A.kv4_decode_attention(q, kp, vp, tables, ctx)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = A.kv4_decode_attention(q, kp, vp, tables, ctx)
+    vmax = float(formats.dequantize_kv(*vp, group).abs().max())
+    for new in ([999, 16, 0, 641], [5, 900, 33, 1]):
+        ctx.copy_(torch.tensor(new))
+        graph.replay()
+        want = A.kv4_decode_reference(q, kp, vp, tables, ctx)
+        assert (out.float() - want.float()).abs().max() <= DECODE_TOL[torch.float16] * vmax
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_kernel_limits_raise():
+    kp, vp = (random_pool(3, 4, 2, 96, 32, s, "cuda") for s in (1, 2))
+    q, tables, ctx = torch.randn(1, 2, 96, device="cuda").half(), torch.tensor([[1]], device="cuda"), torch.tensor([2], device="cuda")
+    with pytest.raises(FormatError, match="head_dim 96"):
+        A.kv4_decode_attention(q, kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="float32"):
+        kp, vp = _pools(device="cuda")
+        A.kv4_gather(kp, vp, tables, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_opcheck():
+    kp, vp = _pools(device="cuda")
+    q, ctx = torch.randn(2, 4, 64, device="cuda").half(), torch.tensor([5, 0], device="cuda")
+    tables = torch.tensor([[2, 1], [0, 0]], device="cuda")
+    torch.library.opcheck(torch.ops.atom.kv4_decode_attention.default, (q, *kp, *vp, tables, ctx, 0))
+    torch.library.opcheck(torch.ops.atom.kv4_gather.default, (*kp, *vp, tables, torch.bfloat16))
+    k, v, slots = torch.randn(3, 2, 64, device="cuda").half(), torch.randn(3, 2, 64, device="cuda").half(), \
+        torch.tensor([0, 5, 11], device="cuda")
+    cos, sin = rope_tables(3, 64, torch.float16, 1, "cuda")
+    torch.library.opcheck(torch.ops.atom.kv4_append.default, (k, v, slots, cos, sin, *kp, *vp))
+
+
+def _kv4_model(dtype=torch.float16):
+    """A small random Llama with head_dim 64 and GQA 2, quantized KV cache (KV4 pages), on the GPU."""
+    from models.config import LlamaConfig
+    from models.llama import LlamaForCausalLM
+    from models.quantized_linear import KV4Quantizer
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    for layer in model.model.layers:
+        layer.self_attn.kv_quantizer = KV4Quantizer(128)
+    model = model.to(dtype).cuda()
+    model.model.rotary_emb.reset_buffers("cuda")
+    return model
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_engine_on_the_kernels_matches_the_plain_forward():
+    """Chunked prefill (gather + SDPA) and decode (decode kernel) on KV4 pages: logits close to the
+    plain forward with the KV4 quantizer (fp16 rounding of K/V there, float32 in the kernel)."""
+    from models.engine import Engine, EngineConfig, SamplingParams
+    from models.engine.kv_cache import pages_for
+    from models.engine.scheduler import Sequence
+    model = _kv4_model()
+    engine = Engine(model, EngineConfig(page_size=16, max_context=256, max_batch=4))
+    assert engine.kv_format == "kv4" and engine.pages.fused
+    runner = engine.runner
+    g = torch.Generator().manual_seed(1)
+    seqs = [Sequence(f"s{i}", torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(), 32, None)
+            for i, n in enumerate((40, 17))]
+
+    def close(a, b):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * max(1.0, float(b.abs().max())), (a - b).abs().max()
+
+    def plain(seq):
+        with torch.no_grad():
+            return model(torch.tensor([seq.tokens], device="cuda"))[0]
+
+    for seq, chunks in zip(seqs, ([25, 15], [17])):
+        seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens + 8, 16))
+        ref = plain(seq)
+        for n in chunks:
+            logits = runner.prefill(seq, n)
+            seq.num_cached += n
+            close(logits, ref[seq.num_cached - 1])
+    for step in range(4):
+        for seq, tok in zip(seqs, (7 + step, 20 + step)):
+            seq.output_ids.append(tok)
+        refs = [plain(s)[-1] for s in seqs]
+        logits = runner.decode(seqs, rows=4 if step % 2 else None, full_width=bool(step % 2))
+        for seq, row, ref in zip(seqs, logits, refs):
+            seq.num_cached += 1
+            close(row, ref)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_engine_cuda_graphs_on_the_kernels():
+    from models.engine import Engine, EngineConfig, SamplingParams
+    model = _kv4_model()
+    config = EngineConfig(max_batch=4, page_size=16, max_context=256, graph_buckets=(1, 2, 4))
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 40, 3, 19)]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    padded = [c.token_ids for c in Engine(model, dataclasses.replace(config, static_decode_shapes=True)).generate(ps, params)]
+    graphed = [c.token_ids for c in Engine(model, dataclasses.replace(config, cuda_graphs=True)).generate(ps, params)]
+    assert padded == graphed  # a replayed graph runs the same kernels on the same shapes
+
+
+# ------------------------------------------------------------------------- sanitizer
+
+def sanitize_main() -> int:
+    """A few cases per kernel, for `compute-sanitizer --tool memcheck python tests/test_attention.py --sanitize`."""
+    bad = 0
+    for i, case in enumerate(list(append_cases(6, seed=1))):
+        got, want = run_append_case(*case, seed=300 + i)
+        ok = all(torch.equal(x, y) for a, b in zip(got, want) for x, y in zip(a, b))
+        bad += not ok
+        print(f"sanitize kv4_append {case}: {'ok' if ok else 'BAD'}")
+    for i, (d, group, ps) in enumerate([(64, 32, 16), (128, 128, 32)]):
+        tables, pages = block_tables_for([1, ps + 1, 300, 0], ps, i, extra_width=1)
+        kp, vp = (random_pool(pages, ps, 3, d, group, s, GPU) for s in (1, 2))
+        got = A.kv4_gather(kp, vp, tables.to(GPU), torch.float16)
+        ok = all(torch.equal(a, b) for a, b in zip(got, A.kv4_gather_reference(kp, vp, tables.to(GPU), torch.float16)))
+        bad += not ok
+        print(f"sanitize kv4_gather D={d} group={group} ps={ps}: {'ok' if ok else 'BAD'}")
+    cases = [(3, 9, 3, 64, 64, 16, [0, 1, 300], torch.float16, 0, torch.int64, 2.0),
+             (2, 32, 8, 128, 32, 32, [33, 1500], torch.bfloat16, 3, torch.int32, 1.0),
+             (5, 24, 3, 128, 128, 16, [15, 16, 17, 0, 700], torch.float16, 1, torch.int64, 6.0),
+             (1, 32, 32, 128, 64, 16, [4097], torch.float16, 0, torch.int32, 0.5)]
+    for i, case in enumerate(cases):
+        got, want, vmax = run_decode_case(*case, seed=400 + i)
+        torch.cuda.synchronize()
+        ok = bool(torch.isfinite(got).all()) and float((got.float() - want.float()).abs().max()) <= DECODE_TOL[case[7]] * vmax
+        bad += not ok
+        print(f"sanitize kv4_decode_attention {case[:7]}: {'ok' if ok else 'BAD'}")
+    print("sanitize done", "FAIL" if bad else "ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    if "--sanitize" in sys.argv:
+        raise SystemExit(sanitize_main())
