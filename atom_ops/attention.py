@@ -16,9 +16,16 @@ value = nibble * scale + zero (formats.quantize_kv / dequantize_kv); the group i
     kv4_decode_attention(q, k_pool, v_pool, block_tables, context_lens, splits=0) -> [B, Hq, head_dim]
         One query token per row, q [B, Hq, head_dim], over the row's first context_lens[b] cached
         tokens (0: a zero row); block_tables [B, W] and context_lens [B] int32 or int64. Softmax
-        scale head_dim^-0.5; GQA: query head h reads kv head h // (Hq / Hkv). float32 arithmetic.
+        scale head_dim^-0.5; GQA: query head h reads kv head h // (Hq / Hkv). float32 accumulation
+        (the tensor-core kernel rounds dequantized V and the probabilities to float16 for its MMAs).
     kv4_gather(k_pool, v_pool, block_tables, dtype) -> k, v [B, kv_heads, W * page_size, head_dim]
         The dequantized pages in `dtype`, bit-exact with formats.dequantize_kv(...).to(dtype).
+
+Decode has two kernels: a tensor-core one (mma.sync m16n8k16, fp32 accumulation; sm_80+: q . K on
+the raw nibbles with each group's scale and zero applied in fp32, V dequantized to fp16 in
+registers) for float16 q, and a SIMT fp32 one, which bfloat16 q always takes. The environment variable ATOM_KV4_DECODE=simt|mma forces one (read at each call; `mma`
+applies to float16 q only) for benchmarking and tests; unset or `auto` is the default choice.
+Both use the same split rule, workspace and combine kernel.
 
 Prefill attention (T > 1 new tokens per row) has no kernel of its own: it is kv4_gather followed by
 torch's F.scaled_dot_product_attention over the dequantized prefix plus the new tokens
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -50,6 +58,7 @@ HEAD_DIMS = (64, 128)
 GROUPS = (32, 64, 128)
 MAX_GQA = 8             # query heads per kv head the decode kernel holds
 SPLIT_TARGET = 4        # decode CTAs per SM the split rule aims for
+DECODE_KERNEL_ENV = "ATOM_KV4_DECODE"  # simt | mma: force one decode kernel (benchmarking)
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -257,6 +266,18 @@ def decode_splits(batch: int, kv_heads: int, max_len: int, sms: int) -> int:
     return math.ceil(tiles / per_split)
 
 
+def decode_kernel_code(dtype: torch.dtype) -> int:
+    """The decode kernel for q of `dtype` (attention.cu KV4DecodeArgs.kernel): 2 the tensor-core
+    kernel (float16 q), 1 the SIMT kernel; ATOM_KV4_DECODE=simt|mma forces one (mma: float16 q only,
+    bfloat16 stays on SIMT)."""
+    force = os.environ.get(DECODE_KERNEL_ENV, "").strip().lower()
+    if force not in ("", "auto", "simt", "mma"):
+        raise FormatError(f"{DECODE_KERNEL_ENV}={force!r}: expected simt, mma or auto")
+    if force == "simt" or dtype != torch.float16:
+        return 1
+    return 2
+
+
 def _ptrs(pool: Pool) -> list[int]:
     return [t.data_ptr() for t in pool]
 
@@ -296,7 +317,8 @@ def _launch_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: i
                              *_ptrs(v_pool), tables.data_ptr(), tables.stride(0), int(tables.dtype == torch.int64),
                              lens.data_ptr(), int(lens.dtype == torch.int64), B, q_heads, kv_heads, head_dim,
                              pool_group(k_pool), page_size, W, head_dim ** -0.5, splits,
-                             ws.data_ptr() if ws is not None else 0, out.data_ptr(), stream)
+                             ws.data_ptr() if ws is not None else 0, out.data_ptr(), stream,
+                             decode_kernel_code(q.dtype))
     return out
 
 

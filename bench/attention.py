@@ -5,7 +5,8 @@
 
 Every row of a batch sits at the full context (one query token each), head layouts Llama-7B (32 query
 heads, 32 kv heads, head_dim 128) and Llama-3-8B (32 / 8). Implementations, same values:
-- "atom_kv4": atom_ops.kv4_decode_attention over KV4 pages (group 128, page size 16, shuffled page ids).
+- "atom_kv4": atom_ops.kv4_decode_attention over KV4 pages (group 128, page size 16, shuffled page ids);
+  fp16 q, so the tensor-core decode kernel unless ATOM_KV4_DECODE=simt is set (atom_ops/attention.py).
 - "torch_sdpa_fp16": F.scaled_dot_product_attention over a contiguous fp16 cache [B, Hkv, L, D] holding
   the dequantized KV4 values (so the outputs agree; their largest difference is reported). For GQA two
   forms are timed and the faster is the baseline (`sdpa_variant`): "fold" views q as [B, Hkv, R, D] (the R

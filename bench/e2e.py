@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         for mode in args.modes:
             try:
                 model = build(name, cfg, mode, device, args.seed)
-            except (ValueError, RuntimeError) as e:
+            except (ValueError, RuntimeError, OSError) as e:  # OSError: a missing model file
                 print(f"{name} {mode}: skipped ({e})", file=sys.stderr)
                 continue
             for batch in args.batch:

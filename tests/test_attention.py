@@ -4,7 +4,8 @@ CPU: the references against the model's RoPE, formats.quantize_kv / dequantize_k
 torch paged attention; argument errors; the decode split rule; opcheck.
 GPU (`gpu` marker): each CUDA kernel against its reference over many shapes (kv4_append and
 kv4_gather bit-exact; decode within fp16 / bf16 output rounding), CUDA-graph capture of decode,
-and the engine on the kernels. Memcheck on a few cases:
+and the engine on the kernels. Decode runs both kernels (ATOM_KV4_DECODE=simt and =mma, the
+tensor-core kernel, which takes float16 q). Memcheck on a few cases (both decode kernels):
     compute-sanitizer --tool memcheck python tests/test_attention.py --sanitize
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 
@@ -197,6 +199,18 @@ def test_decode_split_rule():
         assert 1 <= s <= tiles and math.ceil(tiles / math.ceil(tiles / s)) == s  # no empty split at full width
 
 
+def test_decode_kernel_choice(monkeypatch):
+    monkeypatch.delenv(A.DECODE_KERNEL_ENV, raising=False)
+    assert A.decode_kernel_code(torch.float16) == 2 and A.decode_kernel_code(torch.bfloat16) == 1
+    monkeypatch.setenv(A.DECODE_KERNEL_ENV, "simt")
+    assert A.decode_kernel_code(torch.float16) == 1
+    monkeypatch.setenv(A.DECODE_KERNEL_ENV, "mma")
+    assert A.decode_kernel_code(torch.float16) == 2 and A.decode_kernel_code(torch.bfloat16) == 1
+    monkeypatch.setenv(A.DECODE_KERNEL_ENV, "fast")
+    with pytest.raises(FormatError, match="ATOM_KV4_DECODE"):
+        A.decode_kernel_code(torch.float16)
+
+
 def test_opcheck_cpu():
     kp, vp = _pools()
     q, ctx = torch.randn(2, 4, 64), torch.tensor([5, 0])
@@ -318,9 +332,14 @@ def run_decode_case(b, hq, hkv, d, group, ps, lens, dtype, splits, index_dtype, 
     return got, want, vmax
 
 
+DECODE_KERNELS = ("simt", "mma")  # ATOM_KV4_DECODE values: every decode kernel runs every case
+
+
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_decode_matches_reference():
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+def test_gpu_decode_matches_reference(kernel, monkeypatch):
+    monkeypatch.setenv(A.DECODE_KERNEL_ENV, kernel)
     bad = []
     for i, case in enumerate(decode_cases()):
         got, want, vmax = run_decode_case(*case, seed=200 + i)
@@ -334,7 +353,9 @@ def test_gpu_decode_matches_reference():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_decode_zero_length_rows_are_zero():
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+def test_gpu_decode_zero_length_rows_are_zero(kernel, monkeypatch):
+    monkeypatch.setenv(A.DECODE_KERNEL_ENV, kernel)
     got, want, _ = run_decode_case(3, 8, 2, 128, 128, 16, [0, 40, 0], torch.float16, 3, torch.int64, 1.0, seed=5)
     assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[2], torch.zeros_like(got[2]))
 
@@ -481,15 +502,20 @@ def sanitize_main() -> int:
         bad += not ok
         print(f"sanitize kv4_gather D={d} group={group} ps={ps}: {'ok' if ok else 'BAD'}")
     cases = [(3, 9, 3, 64, 64, 16, [0, 1, 300], torch.float16, 0, torch.int64, 2.0),
+             (2, 8, 1, 128, 32, 32, [17, 1500], torch.float16, 2, torch.int32, 1.0),
+             (2, 12, 4, 64, 32, 16, [129, 0], torch.float16, 1, torch.int64, 0.5),
              (2, 32, 8, 128, 32, 32, [33, 1500], torch.bfloat16, 3, torch.int32, 1.0),
              (5, 24, 3, 128, 128, 16, [15, 16, 17, 0, 700], torch.float16, 1, torch.int64, 6.0),
              (1, 32, 32, 128, 64, 16, [4097], torch.float16, 0, torch.int32, 0.5)]
-    for i, case in enumerate(cases):
-        got, want, vmax = run_decode_case(*case, seed=400 + i)
-        torch.cuda.synchronize()
-        ok = bool(torch.isfinite(got).all()) and float((got.float() - want.float()).abs().max()) <= DECODE_TOL[case[7]] * vmax
-        bad += not ok
-        print(f"sanitize kv4_decode_attention {case[:7]}: {'ok' if ok else 'BAD'}")
+    for kernel in DECODE_KERNELS:
+        os.environ[A.DECODE_KERNEL_ENV] = kernel
+        for i, case in enumerate(cases):
+            got, want, vmax = run_decode_case(*case, seed=400 + i)
+            torch.cuda.synchronize()
+            ok = bool(torch.isfinite(got).all()) and float((got.float() - want.float()).abs().max()) <= DECODE_TOL[case[7]] * vmax
+            bad += not ok
+            print(f"sanitize kv4_decode_attention [{kernel}] {case[:7]}: {'ok' if ok else 'BAD'}")
+    os.environ.pop(A.DECODE_KERNEL_ENV, None)
     print("sanitize done", "FAIL" if bad else "ok")
     return 1 if bad else 0
 
