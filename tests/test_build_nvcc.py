@@ -41,6 +41,21 @@ def nvcc_version() -> str:
     return subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
 
 
+def compile_cached(src: Path, flags: list[str], key: str, check_ptxas) -> Path:
+    """nvcc -c src into build/nvcc-cache/<key>.o unless it is there; check_ptxas(ptxas -v output)
+    runs on a fresh compile (a cached object passed it before)."""
+    obj = CACHE / f"{key}.o"
+    if not obj.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_suffix(".o.tmp")
+        r = subprocess.run(["nice", "-n", "10", NVCC, *flags, "-Xptxas", "-v", "-c", str(src), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        check_ptxas(r.stderr)
+        tmp.replace(obj)
+    return obj
+
+
 # (arch, which kernel): the split-K small tile exercises every code path of the mma family;
 # int8: the plain CUTLASS INT8 GEMM (2.x on sm80, 3.x TMA/wgmma on sm90a; ~10 s and ~50 s cold).
 # wgmma: the sm90a family on CUTLASS's blockwise FP8 mainloop, its swap-AB decode tile (~55 s cold).
@@ -71,15 +86,10 @@ def test_compile_one_kernel(arch, family, tmp_path):
         h.update(p.read_bytes())
     h.update(" ".join(flags[:-6]).encode())
     h.update(str(CUTLASS.parent.parent).encode() + nvcc_version().encode())
-    obj = CACHE / f"{cfg.name}-{h.hexdigest()[:16]}.o"
-    if not obj.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = obj.with_suffix(".o.tmp")
-        r = subprocess.run(["nice", "-n", "10", NVCC, *flags, "-Xptxas", "-v", "-c", str(src), "-o", str(tmp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        assert "spill" not in r.stderr or " 0 bytes spill stores" in r.stderr, r.stderr[-2000:]
-        tmp.replace(obj)
+    def check(ptxas: str) -> None:
+        assert "spill" not in ptxas or " 0 bytes spill stores" in ptxas, ptxas[-2000:]
+
+    obj = compile_cached(src, flags, f"{cfg.name}-{h.hexdigest()[:16]}", check)
     assert obj.stat().st_size > 10_000
     syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
     assert f"launch_{cfg.name}" in syms and f"check_{cfg.name}" in syms
@@ -110,19 +120,13 @@ def test_compile_multiarch_tu(tu, symbols, tmp_path):
              *ARCHS["sm90a"].gencode.split(), "-I", str(out / "include")]
     h = hashlib.sha256(src.read_bytes() + (out / "include" / "atom_w4a4_api.h").read_bytes())
     h.update(" ".join(flags[:-2]).encode() + nvcc_version().encode())
-    obj = CACHE / f"{tu}-{h.hexdigest()[:16]}.o"
-    if not obj.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = obj.with_suffix(".o.tmp")
-        r = subprocess.run(["nice", "-n", "10", NVCC, *flags, "-Xptxas", "-v", "-c", str(src), "-o", str(tmp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        # every kernel's shared memory fits the 48 KiB static limit; spills stay a few bytes at most
-        smem = [int(x) for x in re.findall(r"(\d+) bytes smem", r.stderr)]
+    def check(ptxas: str) -> None:  # every kernel's static smem fits 48 KiB; spills stay a few bytes at most
+        smem = [int(x) for x in re.findall(r"(\d+) bytes smem", ptxas)]
         assert smem and max(smem) <= 48 * 1024, max(smem)
-        spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", r.stderr)]
-        assert max(spills, default=0) <= 16, r.stderr[-2000:]
-        tmp.replace(obj)
+        spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", ptxas)]
+        assert max(spills, default=0) <= 16, ptxas[-2000:]
+
+    obj = compile_cached(src, flags, f"{tu}-{h.hexdigest()[:16]}", check)
     syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
     for name in symbols:
         assert f"atom::{name}(" in syms, name
