@@ -249,8 +249,9 @@ def test_time_budget_is_respected(tmp_path):
     outs = run_all(tasks, lambda t: fake_factory(t, sleep=0.1), storage_url(tmp_path / "s.sqlite3"),
                    trials=50, time_budget_s=1.0, progress=False)
     elapsed = time.monotonic() - t0
-    # budget checked between trials: at most one trial (0.1 s) plus storage overhead past it
-    assert elapsed < 1.0 + 0.6, elapsed
+    # budget checked between trials: at most one trial (0.1 s) plus SQLite overhead past it (1.87 s
+    # was seen once on a loaded 2-core machine; without the budget the 4 studies take several seconds)
+    assert elapsed < 1.0 + 1.5, elapsed
     ran = sum(o.new_trials for o in outs)
     assert 0 < ran < 4 * len(space.candidates())
     assert all(o.skipped is None or "time budget" in o.skipped for o in outs)
