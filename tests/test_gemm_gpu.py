@@ -134,6 +134,45 @@ def test_op_dispatch_and_errors():
 
 
 @needs_gpu
+def test_runtime_tuning_table_drives_dispatch():
+    """The committed tuning table of this GPU (tuning/tables/<gpu>.json, same OP_REVISION), if any,
+    is what the op runs: for every tuned (N, K) and M bucket whose kernel is compiled, the op's
+    run-time choice is the table's, and its output matches the reference."""
+    from tuning.runtime import runtime_table
+    from tuning.table import lookup
+
+    name = torch.cuda.get_device_name(0)
+    table = runtime_table(name, kernels.OP_REVISION)
+    if table is None:
+        pytest.skip(f"no tuning table for {name} (op revision {kernels.OP_REVISION})")
+    major, minor = torch.cuda.get_device_capability(0)
+    cc = 10 * major + minor
+    arch = kernels.extension().arch_for(cc)
+    compiled = set(kernels.kernel_names())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    checked = 0
+    for shape in table["archs"][arch]["shapes"]:
+        n, k = shape["n"], shape["k"]
+        spec = QuantSpec(k, 128, formats.choose_outliers(k, 128, 128))
+        w = formats.quantize_operand(torch.randn(n, k, device="cuda", generator=gen), spec, clip=0.85)
+        for rule in shape["rules"]:
+            for bucket in rule.get("buckets", []):
+                m = bucket["m"]
+                want = lookup(table, arch, m, n, k, "f16", generic=False)
+                if want.kernel not in compiled:
+                    continue
+                got = kernels._tuned_choice(0, cc, m, n, k, 128, spec.outliers, 0)
+                assert got == (want.kernel, want.split_k), (n, k, m, got, want)
+                x = torch.randn(m, k, device="cuda", generator=gen)
+                x[:, spec.k_normal:] *= 8
+                a = formats.quantize_operand(x, spec, clip=0.9)
+                out = kernels.w4a4_gemm(a, w, torch.float16, None)
+                assert compare(out, formats.w4a4_matmul_reference(a, w, torch.float16), torch.float16)[2] == 0
+                checked += 1
+    assert checked, "no tuned kernel of the table is compiled in this build"
+
+
+@needs_gpu
 def test_opcheck_cuda():
     spec = QuantSpec(4096, 128, 128)
     a, w, res = make_operands(5, 256, spec, torch.float16, True)
