@@ -104,9 +104,10 @@ def test_gather_reference_is_dequantize_kv():
     pages.write(1, slots, k, v)
     tables = torch.tensor([[3, 1, 6], [2, 0, 5]], dtype=torch.int32)
     got = A.kv4_gather(*pages.layer_pools(1), tables, torch.float16)
-    want = pages.read(1, tables.long())
-    for a, b in zip(got, want):
-        assert a.is_contiguous() and torch.equal(a, b.transpose(1, 2))
+    for a, pool in zip(got, pages.layer_pools(1)):  # each row's pages, dequantized in order
+        packed, scale, zero = (t[tables.long()].reshape(2, 12, *t.shape[2:]) for t in pool)
+        want = formats.dequantize_kv(packed, scale, zero, 32).half()  # [B, L, kv_heads, head_dim]
+        assert a.is_contiguous() and torch.equal(a, want.transpose(1, 2))
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (9, 3), (8, 1)])
@@ -436,38 +437,15 @@ def test_gpu_engine_on_the_kernels_matches_the_plain_forward():
     """Chunked prefill (gather + SDPA) and decode (decode kernel) on KV4 pages: logits close to the
     plain forward with the KV4 quantizer (fp16 rounding of K/V there, float32 in the kernel)."""
     from models.engine import Engine, EngineConfig, SamplingParams
-    from models.engine.kv_cache import pages_for
     from models.engine.scheduler import Sequence
+    from test_engine import check_runner_matches_plain
     model = _kv4_model()
     engine = Engine(model, EngineConfig(page_size=16, max_context=256, max_batch=4))
     assert engine.kv_format == "kv4" and engine.pages.fused
-    runner = engine.runner
     g = torch.Generator().manual_seed(1)
     seqs = [Sequence(f"s{i}", torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(), 32, None)
             for i, n in enumerate((40, 17))]
-
-    def close(a, b):
-        assert (a.float() - b.float()).abs().max() <= 2e-2 * max(1.0, float(b.abs().max())), (a - b).abs().max()
-
-    def plain(seq):
-        with torch.no_grad():
-            return model(torch.tensor([seq.tokens], device="cuda"))[0]
-
-    for seq, chunks in zip(seqs, ([25, 15], [17])):
-        seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens + 8, 16))
-        ref = plain(seq)
-        for n in chunks:
-            logits = runner.prefill(seq, n)
-            seq.num_cached += n
-            close(logits, ref[seq.num_cached - 1])
-    for step in range(4):
-        for seq, tok in zip(seqs, (7 + step, 20 + step)):
-            seq.output_ids.append(tok)
-        refs = [plain(s)[-1] for s in seqs]
-        logits = runner.decode(seqs, rows=4 if step % 2 else None, full_width=bool(step % 2))
-        for seq, row, ref in zip(seqs, logits, refs):
-            seq.num_cached += 1
-            close(row, ref)
+    check_runner_matches_plain(model, engine, seqs, ([25, 15], [17]), steps=4, rtol=2e-2)
 
 
 @pytest.mark.gpu

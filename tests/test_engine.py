@@ -64,28 +64,38 @@ def test_paged_attention_matches_plain_forward(tiny_config, kv_format):
     model = random_model(tiny_config, kv_format)
     engine = Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=4))
     assert engine.kv_format == kv_format
-    runner, ps = engine.runner, prompts(tiny_config.vocab_size, (11, 6))
+    ps = prompts(tiny_config.vocab_size, (11, 6))
     seqs = [Sequence(f"s{i}", p, SamplingParams(), 32, None) for i, p in enumerate(ps)]
+    check_runner_matches_plain(model, engine, seqs, ([5, 3, 3], [6]), steps=6, rtol=1e-4)
+
+
+def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: float) -> None:
+    """Prefill each sequence in its `chunks` over the paged cache, then `steps` decode steps of all of
+    them in one batch (odd steps padded to the CUDA-graph shapes: 4 rows, full-width tables): every
+    step's logits are within rtol * max(1, max |ref|) of the model's plain forward over the whole
+    sequence. Shared by the CPU test above and tests/test_attention.py's GPU one."""
+    device = next(model.parameters()).device
+    runner, page_size = engine.runner, engine.config.page_size
 
     def plain(seq):
         with torch.no_grad():
-            return model(torch.tensor([seq.tokens]))[0]
+            return model(torch.tensor([seq.tokens], device=device))[0]
 
     def close(a, b):
-        assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max()), (a - b).abs().max()
+        assert (a.float() - b.float()).abs().max() <= rtol * max(1.0, float(b.abs().max())), (a - b).abs().max()
 
-    for seq, chunks in zip(seqs, ([5, 3, 3], [6])):
-        seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens + 8, 4))
+    for seq, seq_chunks in zip(seqs, chunks):
+        seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens + 8, page_size))
         ref = plain(seq)
-        for n in chunks:
+        for n in seq_chunks:
             logits = runner.prefill(seq, n)
             seq.num_cached += n
             close(logits, ref[seq.num_cached - 1])
-    for step in range(6):
+    for step in range(steps):
         for seq, tok in zip(seqs, (7 + step, 20 + step)):
             seq.output_ids.append(tok)
         refs = [plain(s)[-1] for s in seqs]
-        padded = step % 2 == 1  # odd steps: the CUDA-graph shapes (bucket rows, full-width tables)
+        padded = step % 2 == 1
         logits = runner.decode(seqs, rows=4 if padded else None, full_width=padded)
         for seq, row, ref in zip(seqs, logits, refs):
             seq.num_cached += 1

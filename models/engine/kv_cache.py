@@ -140,13 +140,9 @@ class KV4Pages:
         append(k, v, slots, *self.layer_pools(layer), cos, sin)
 
     def read(self, layer: int, block_tables: Tensor) -> tuple[Tensor, Tensor]:
-        B, W = block_tables.shape
-        out = []
-        for name in ("k", "v"):
-            packed, scale, zero = (pool[layer][block_tables].reshape(B, W * self.page_size, *pool.shape[3:])
-                                   for pool in self.pools[name])
-            out.append(formats.dequantize_kv(packed, scale, zero, self.group).to(self.dtype))
-        return tuple(out)
+        """k, v [B, W * page_size, kv_heads, head_dim] in the model's dtype (atom_ops' gather reference)."""
+        k, v = attention_ops.kv4_gather_reference(*self.layer_pools(layer), block_tables, self.dtype)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
 
 def kv4_group_of(model) -> int | None:
