@@ -2,7 +2,7 @@
 
     python -m bench.e2e [--models llama-7b llama-3-8b] [--modes fp16 fp8 atom] [--batch 16 64 128 256]
                         [--input 1024] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs]
-                        [--device cuda] [--out bench/results] [--tag h100] [--profile N]
+                        [--prefill-tokens 8192] [--device cuda] [--out bench/results] [--tag h100] [--profile N]
 
 Each model is built from its config (models.config presets or an HF config.json) with random
 weights (normal, std 0.02), once per mode: fp16 as is, fp8 through models/engine/fp8.py, atom
@@ -10,14 +10,17 @@ through models.quantize.quantize_model_uncalibrated (Atom's format, RTN with a r
 order, KV4 pages: the same kernels and bytes as a calibrated checkpoint). For every batch size,
 `batch` requests of `input` random prompt tokens and `output` generated tokens (ignore_eos) go
 into one Engine at once; after a warm-up request, the wall time until all finish is measured.
+Each engine step packs up to `--prefill-tokens` prompt tokens (several prompts) into one prefill
+forward beside the decode step of the running sequences.
 Reported per (model, mode, batch): output tokens/s over the whole run (prefill included), decode
 tokens/s and per-step latency after the last prefill, time to first token of the batch, and how
 many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
 hold about 3.5x more than fp16 pages).
 `--layers N` keeps only the first N decoder layers of the random-weight models (to fit or to save
 time; stated in the JSON). `default` is the shipped SmolLM2 with its real weights, all layers.
-`--profile N` also runs N decode steps at `--profile-batch` (no CUDA graphs) under torch.profiler
-and prints where a step's GPU time goes, per kernel, into e2e_<tag>_profile.txt: what limits each mode.
+`--profile N` also runs one packed prefill step and N decode steps at `--profile-batch` (no CUDA
+graphs) under torch.profiler and prints where their GPU time goes, per kernel, into
+e2e_<tag>_profile.txt: what limits each mode.
 Writes e2e_<tag>.{json,txt,png}.
 """
 
@@ -96,10 +99,10 @@ def sync(device):
 
 
 def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int, cuda_graphs: bool,
-              device: torch.device, seed: int) -> dict:
+              device: torch.device, seed: int, prefill_tokens: int) -> dict:
     from models.engine import Engine, EngineConfig, SamplingParams
     cfg = EngineConfig(max_batch=batch, max_context=input_len + output_len, kv_cache_bytes=kv_bytes,
-                       cuda_graphs=cuda_graphs, max_prefill_tokens=max(512, input_len))
+                       cuda_graphs=cuda_graphs, max_prefill_tokens=prefill_tokens)
     engine = Engine(model, cfg)
     from models.engine.kv_cache import page_bytes
     fit = (engine.allocator.num_pages - 1) // engine.pages_per_seq      # held at once in this run
@@ -139,41 +142,44 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
     return {"tokens": tokens, "total_s": total, "tokens_per_s": tokens / total,
             "decode_tokens_per_s": (tokens - tokens_at_prefill) / decode_time if prefill_done else None,
             "step_ms": 1e3 * decode_time / max(steps_after, 1), "ttft_s": first_token,
+            "prefill_phase_s": prefill_done - started if prefill_done else None,
             "kv_format": engine.kv_format, "kv_fit_sequences": fit, "kv_capacity_sequences": capacity,
             "preemptions": engine.stats["preemptions"]}
 
 
-def _decode_engine(model, batch: int, input_len: int, kv_bytes: int, seed: int):
-    """An engine with `batch` sequences of `input_len` random tokens, all prefilled (no CUDA graphs:
-    the profiler then sees every kernel of a decode step)."""
+def profile_steps(model, mode: str, batch: int, input_len: int, kv_bytes: int, steps: int, seed: int,
+                  prefill_tokens: int) -> str:
+    """Per-kernel time (torch.profiler's table, top 20 by device time) of the first engine step (one
+    packed prefill of up to `prefill_tokens` tokens) and of `steps` decode steps of `batch` sequences
+    of `input_len` random tokens, without CUDA graphs so that the profiler sees every kernel."""
     from models.engine import Engine, EngineConfig, SamplingParams
     engine = Engine(model, EngineConfig(max_batch=batch, max_context=input_len + 64, kv_cache_bytes=kv_bytes,
-                                        cuda_graphs=False, max_prefill_tokens=max(512, input_len)))
+                                        cuda_graphs=False, max_prefill_tokens=prefill_tokens))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(batch):
         engine.add_request(torch.randint(0, model.config.vocab_size, (input_len,), generator=gen).tolist(),
                            SamplingParams(max_tokens=64, ignore_eos=True))
+    tables = [f"== {mode}: first prefill step (up to {prefill_tokens} tokens of {input_len}-token prompts) ==\n"
+              + _profile(engine, 1)]
     produced = set()
     while len(produced) < batch:  # until every sequence has its first token: prefill is over
         produced.update(o.request_id for o in engine.step())
-    return engine
-
-
-def profile_decode(model, mode: str, batch: int, input_len: int, kv_bytes: int, steps: int, seed: int) -> str:
-    """Per-kernel time of `steps` decode steps, as torch.profiler's table (top 20 by device time)."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = next(model.parameters()).is_cuda
-    engine = _decode_engine(model, batch, input_len, kv_bytes, seed)
     engine.step()
+    tables.append(f"== {mode}: {steps} decode steps, batch {batch}, context ~{input_len} ==\n" + _profile(engine, steps))
+    return "".join(tables)
+
+
+def _profile(engine, steps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
         if cuda:
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=20,
-                                      max_name_column_width=70)
-    return f"== {mode}: {steps} decode steps, batch {batch}, context ~{input_len} ==\n{table}\n"
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=20,
+                                     max_name_column_width=70) + "\n"
 
 
 def plot(rows, path: Path, gpu: str | None = None):
@@ -196,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-gib", type=float, default=30.0, help="KV cache budget per engine (GiB)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps (GPU)")
+    p.add_argument("--prefill-tokens", type=int, default=8192, help="prompt tokens per engine step (packed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -219,10 +226,11 @@ def main(argv=None) -> int:
                 continue
             for batch in args.batch:
                 case = {"model": name, "layers": model.config.num_hidden_layers, "batch": batch, "input": args.input,
-                        "output": args.output, "kv_gib": args.kv_gib, "cuda_graphs": args.cuda_graphs}
+                        "output": args.output, "kv_gib": args.kv_gib, "cuda_graphs": args.cuda_graphs,
+                        "prefill_tokens": args.prefill_tokens}
                 try:
                     r = run_batch(model, batch, args.input, args.output, int(args.kv_gib * 2**30), args.cuda_graphs,
-                                  device, args.seed)
+                                  device, args.seed, args.prefill_tokens)
                 except (ValueError, RuntimeError, torch.cuda.OutOfMemoryError) as e:
                     r = {"error": str(e).splitlines()[0][:200]}
                 rows.append({"case": case, "impl": mode, **r})
@@ -235,8 +243,9 @@ def main(argv=None) -> int:
                       f"ttft {r['ttft_s']:.2f} s, {r['kv_format']} KV holds {r['kv_fit_sequences']}"
                       if "tokens_per_s" in r else r["error"]), flush=True)
             if args.profile:
-                profiles.append(f"{name} " + profile_decode(model, mode, args.profile_batch, args.input,
-                                                            int(args.kv_gib * 2**30), args.profile, args.seed))
+                profiles.append(f"{name} " + profile_steps(model, mode, args.profile_batch, args.input,
+                                                           int(args.kv_gib * 2**30), args.profile, args.seed,
+                                                           args.prefill_tokens))
                 print(profiles[-1], flush=True)
             del model
             if device.type == "cuda":

@@ -20,7 +20,7 @@ def test_e2e_bench_runs_and_reports(tmp_path):
     torch.manual_seed(0)
     rc = e2e.main(["--models", str(path), "--modes", "fp16", "atom", "--batch", "1", "3", "--input", "12",
                    "--output", "4", "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--tag", "t",
-                   "--profile", "2", "--profile-batch", "3"])
+                   "--profile", "2", "--profile-batch", "3", "--prefill-tokens", "24"])
     assert rc == 0
     data = json.loads((tmp_path / "e2e_t.json").read_text())
     rows = {(r["impl"], r["case"]["batch"]): r for r in data["rows"]}
@@ -29,9 +29,12 @@ def test_e2e_bench_runs_and_reports(tmp_path):
         assert "error" not in r, r
         assert r["tokens"] == batch * 4 and r["tokens_per_s"] > 0
         assert r["kv_format"] == ("kv4" if mode == "atom" else "float")
+        assert r["case"]["prefill_tokens"] == 24 and 0 < r["prefill_phase_s"] <= r["total_s"]
     assert rows[("atom", 3)]["kv_fit_sequences"] == 3  # the whole batch at once
     assert rows[("atom", 3)]["kv_capacity_sequences"] > 3 * rows[("fp16", 3)]["kv_capacity_sequences"]  # KV4
     text = (tmp_path / "e2e_t.txt").read_text()
     assert "atom_vs_fp16" in text
-    profile = (tmp_path / "e2e_t_profile.txt").read_text()  # where a decode step's time goes, per mode
-    assert "== fp16: 2 decode steps, batch 3" in profile and "== atom: 2 decode steps, batch 3" in profile
+    profile = (tmp_path / "e2e_t_profile.txt").read_text()  # where a step's time goes, per mode
+    for mode in ("fp16", "atom"):
+        assert f"== {mode}: first prefill step (up to 24 tokens" in profile
+        assert f"== {mode}: 2 decode steps, batch 3" in profile

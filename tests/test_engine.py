@@ -70,7 +70,8 @@ def test_paged_attention_matches_plain_forward(tiny_config, kv_format):
 
 
 def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: float) -> None:
-    """Prefill each sequence in its `chunks` over the paged cache, then `steps` decode steps of all of
+    """Prefill each sequence in its `chunks` over the paged cache (the r-th chunks of all sequences packed
+    into one prefill forward: a chunk with and one without a cached prefix), then `steps` decode steps of all of
     them in one batch (odd steps padded to the CUDA-graph shapes: 4 rows, full-width tables): every
     step's logits are within rtol * max(1, max |ref|) of the model's plain forward over the whole
     sequence. Shared by the CPU test above and tests/test_attention.py's GPU one."""
@@ -84,13 +85,15 @@ def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: fl
     def close(a, b):
         assert (a.float() - b.float()).abs().max() <= rtol * max(1.0, float(b.abs().max())), (a - b).abs().max()
 
-    for seq, seq_chunks in zip(seqs, chunks):
+    refs = [plain(seq) for seq in seqs]
+    for seq in seqs:
         seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens + 8, page_size))
-        ref = plain(seq)
-        for n in seq_chunks:
-            logits = runner.prefill(seq, n)
-            seq.num_cached += n
-            close(logits, ref[seq.num_cached - 1])
+    for r in range(max(map(len, chunks))):  # round r packs every sequence's r-th chunk into one forward
+        step = [(i, c[r]) for i, c in enumerate(chunks) if r < len(c)]
+        logits = runner.prefill([(seqs[i], n) for i, n in step])
+        for (i, n), row in zip(step, logits):
+            seqs[i].num_cached += n
+            close(row, refs[i][seqs[i].num_cached - 1])
     for step in range(steps):
         for seq, tok in zip(seqs, (7 + step, 20 + step)):
             seq.output_ids.append(tok)

@@ -9,6 +9,10 @@ block-table width, with no host syncs, so it also runs inside a captured CUDA gr
 - otherwise (float pages, the CPU, other shapes): the pages read back in torch and SDPA.
 New k, v are stored before attending (RoPE applied to k on the way in, fused into the KV4 store
 kernel on a GPU).
+
+Prefill packs several sequences' chunks into one row of tokens (PagedBatch.segments); attention
+takes them one sequence at a time, and a chunk that starts its sequence (no cached prefix) runs
+SDPA with is_causal over exactly its tokens (the flash kernels) instead of an explicit mask.
 """
 
 from __future__ import annotations
@@ -21,20 +25,25 @@ from torch import Tensor
 
 from atom_ops.attention import kernel_limits, kv4_decode_attention, kv4_gather
 
+from .kv_cache import pages_for
+
 
 @dataclass
 class PagedBatch:
-    """One forward step over B sequences with T new tokens each (prefill: B = 1; decode: T = 1).
+    """One forward step over B sequences with T new tokens each (decode: T = 1), or, with
+    `segments`, a packed prefill: one row of sum(n) tokens holding B sequences' chunks in order.
 
     block_tables  int64 [B, W]   page ids of each sequence (padded with the null page)
     context_lens  int64 [B]      tokens in the cache after this step's tokens are written
-    slots         int64 [B * T]  cache slot of each new token, row-major over (B, T)
+    slots         int64 [B * T]  cache slot of each new token, row-major over (B, T) (packed: in order)
+    segments      ((n, context), ...) per sequence, host ints: packed prefill only
     """
 
     pages: object  # FloatPages | KV4Pages
     block_tables: Tensor
     context_lens: Tensor
     slots: Tensor
+    segments: tuple[tuple[int, int], ...] | None = None
 
     def layer(self, index: int) -> "LayerKV":
         return LayerKV(self, index)
@@ -55,14 +64,25 @@ class LayerKV:
         # (for KV4: quantized) values, exactly as the unpaged model with KV4Quantizer does
         b.pages.write(self.index, b.slots, k.transpose(1, 2).reshape(B * T, Hkv, D),
                       v.transpose(1, 2).reshape(B * T, Hkv, D), cos.reshape(B * T, D), sin.reshape(B * T, D))
-        return paged_attention(q, b.pages, self.index, b.block_tables, b.context_lens)
+        if b.segments is None:
+            return paged_attention(q, b.pages, self.index, b.block_tables, b.context_lens)
+        outs, start = [], 0
+        for row, (n, context) in enumerate(b.segments):
+            tables = b.block_tables[row:row + 1, :pages_for(context, b.pages.page_size)]
+            outs.append(paged_attention(q[:, :, start:start + n], b.pages, self.index, tables,
+                                        b.context_lens[row:row + 1], context))
+            start += n
+        return torch.cat(outs, dim=2)
 
 
-def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_lens: Tensor) -> Tensor:
+def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_lens: Tensor,
+                    context: int | None = None) -> Tensor:
     """Causal attention of q [B, Hq, T, D] over each sequence's cached keys.
 
     Query t of row b sits at position context_lens[b] - T + t and sees keys 0..that position;
     keys past a row's context (the rest of its last page, padding pages) are masked out.
+    `context` (B = 1 only): context_lens[0] as a host int, so the keys can be cut to it and a
+    chunk with no cached prefix (T == context) needs no mask.
     """
     B, Hq, T, D = q.shape
     if pages.kind == "kv4" and pages.fused and kernel_limits(D, pages.group, q.dtype, Hq, pages.kv_heads) is None:
@@ -72,9 +92,14 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
         k, v = kv4_gather(k_pool, v_pool, block_tables, q.dtype)       # [B, Hkv, L, D]
     else:
         k, v = (x.transpose(1, 2) for x in pages.read(layer, block_tables))  # [B, Hkv, L, D]
+    if context is not None:
+        k, v = k[:, :, :context], v[:, :, :context]
     Hkv, L = k.shape[1], k.shape[2]
     if Hq != Hkv:  # GQA: each kv head serves Hq / Hkv consecutive query heads
         k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+    if T == context:  # the chunk is the whole sequence so far: plain causal attention
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
+                                              scale=D ** -0.5)
     q_pos = context_lens[:, None] - T + torch.arange(T, device=q.device)        # [B, T]
     visible = torch.arange(L, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None],

@@ -36,7 +36,7 @@ class EngineConfig:
     max_context: int | None = None        # prompt + output; default min(model's, 4096)
     num_pages: int | None = None          # default: max_batch full-context sequences within kv_cache_bytes
     kv_cache_bytes: int = 1 << 30
-    max_prefill_tokens: int = 512         # prefill chunk budget per step
+    max_prefill_tokens: int = 2048        # prefill tokens per step (all chunks, packed in one forward)
     cuda_graphs: bool = False             # capture decode steps per batch bucket (GPU only)
     graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     static_decode_shapes: bool = False    # pad decode like the graphs do, without capturing (tests)
@@ -168,12 +168,14 @@ class Engine:
                     seq.num_cached += 1
                 self.stats["decode_tokens"] += len(plan.decodes)
                 sampled += self._sample(plan.decodes, logits)
-            for seq, n in plan.prefills:
-                logits = self.runner.prefill(seq, n)
-                seq.num_cached += n
-                self.stats["prefill_tokens"] += n
-                if seq.num_uncached == 0:  # the whole prompt is in: its first new token
-                    sampled += self._sample([seq], logits[None])
+            if plan.prefills:
+                logits = self.runner.prefill(plan.prefills)
+                for seq, n in plan.prefills:
+                    seq.num_cached += n
+                    self.stats["prefill_tokens"] += n
+                done = [i for i, (seq, _) in enumerate(plan.prefills) if seq.num_uncached == 0]
+                if done:  # whole prompts are in: their first new tokens
+                    sampled += self._sample([plan.prefills[i][0] for i in done], logits[done])
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
             failed = plan.decodes + [s for s, _ in plan.prefills]
             for seq in failed:

@@ -1,4 +1,5 @@
-"""Runs the model over the paged cache: a prefill chunk of one sequence, or one decode step of many.
+"""Runs the model over the paged cache: the prefill chunks of a step packed into one forward, or one
+decode step of many sequences.
 
 Only the last position's logits are computed (the lm_head over a whole prompt is wasted work).
 Decode batches either run eagerly at their own size, or padded to a fixed bucket size with a
@@ -7,6 +8,8 @@ path also runs eagerly, which is how the CPU tests cover it.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -22,21 +25,33 @@ class ModelRunner:
         self.max_pages_per_seq, self.device = max_pages_per_seq, device
 
     def forward(self, input_ids: Tensor, positions: Tensor, batch: PagedBatch) -> Tensor:
-        """input_ids, positions [B, T] -> fp32 logits of the last position [B, vocab]."""
+        """input_ids, positions [B, T] -> fp32 logits of the last position [B, vocab] (decode: T = 1)."""
         hidden = self.model.model(input_ids, positions, batch)
         return self.model.lm_head(hidden[:, -1]).float()
 
     # ---------------------------------------------------------------- prefill
 
     @torch.no_grad()
-    def prefill(self, seq: Sequence, n: int) -> Tensor:
-        """Process seq's next n uncached tokens (after its cached prefix) -> logits [vocab]."""
-        start = seq.num_cached
-        ids = torch.tensor([seq.tokens[start:start + n]], device=self.device)
-        positions = torch.arange(start, start + n, device=self.device)[None]
-        batch = PagedBatch(self.pages, self._tensor([seq.pages]), self._tensor([start + n]),
-                           self._tensor(self._slots(seq.pages, range(start, start + n))))
-        return self.forward(ids, positions, batch)[0]
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> Tensor:
+        """Process each sequence's next n uncached tokens (after its cached prefix), all chunks
+        packed into one forward of sum(n) tokens -> logits of each chunk's last token [len(chunks), vocab].
+
+        Packing (not padding) keeps every GEMM at M = the step's token count with no wasted rows;
+        attention splits the packed tokens back into sequences (PagedBatch.segments)."""
+        ids, positions, slots, segments = [], [], [], []
+        for seq, n in chunks:
+            start = seq.num_cached
+            ids += seq.tokens[start:start + n]
+            positions += range(start, start + n)
+            slots += self._slots(seq.pages, range(start, start + n))
+            segments.append((n, start + n))
+        width = max(len(s.pages) for s, _ in chunks)
+        tables = [s.pages + [NULL_PAGE] * (width - len(s.pages)) for s, _ in chunks]
+        t = self._tensor
+        batch = PagedBatch(self.pages, t(tables), t([c for _, c in segments]), t(slots), tuple(segments))
+        hidden = self.model.model(t(ids)[None], t(positions)[None], batch)[0]   # [sum(n), hidden]
+        last = t(list(itertools.accumulate(n for n, _ in segments))) - 1
+        return self.model.lm_head(hidden[last]).float()
 
     # ----------------------------------------------------------------- decode
 
