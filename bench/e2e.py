@@ -15,7 +15,8 @@ forward beside the decode step of the running sequences.
 Reported per (model, mode, batch): output tokens/s over the whole run (prefill included), decode
 tokens/s and per-step latency after the last prefill, time to first token of the batch, and how
 many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
-hold about 3.5x more than fp16 pages).
+hold about 3.5x more than fp16 pages). The engine's max_batch is the smaller of `batch` and what the
+budget holds at full length (the rest queue), so no mode thrashes on preemption.
 `--layers N` keeps only the first N decoder layers of the random-weight models (to fit or to save
 time; stated in the JSON). `default` is the shipped SmolLM2 with its real weights, all layers.
 `--profile N` also runs one packed prefill step and N decode steps at `--profile-batch` (no CUDA
@@ -101,18 +102,24 @@ def sync(device):
 def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int, cuda_graphs: bool,
               device: torch.device, seed: int, prefill_tokens: int) -> dict:
     from models.engine import Engine, EngineConfig, SamplingParams
-    cfg = EngineConfig(max_batch=batch, max_context=input_len + output_len, kv_cache_bytes=kv_bytes,
-                       cuda_graphs=cuda_graphs, max_prefill_tokens=prefill_tokens)
-    engine = Engine(model, cfg)
-    from models.engine.kv_cache import page_bytes
-    fit = (engine.allocator.num_pages - 1) // engine.pages_per_seq      # held at once in this run
-    capacity = kv_bytes // (page_bytes(model, cfg.page_size, engine.dtype) * engine.pages_per_seq)  # at this budget
+    from models.engine.kv_cache import page_bytes, pages_for
+    cfg = EngineConfig(max_context=input_len + output_len, kv_cache_bytes=kv_bytes, cuda_graphs=cuda_graphs,
+                       max_prefill_tokens=prefill_tokens)
+    per_seq = page_bytes(model, cfg.page_size, model.model.embed_tokens.weight.dtype) * pages_for(
+        cfg.max_context, cfg.page_size)
+    capacity = kv_bytes // per_seq                                      # full-length sequences at this budget
+    # Run at most what the cache holds at full length, as a user would set max_batch: more would be
+    # admitted, then preempted and recomputed as they grow.
+    fit = max(1, min(batch, capacity))
+    engine = Engine(model, dataclasses.replace(cfg, max_batch=fit))
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, input_len), generator=gen).tolist()
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    # Warm-up: kernels, staged-weight caches, allocator.
-    engine.add_request(prompts[0][:16], SamplingParams(max_tokens=4, ignore_eos=True))
+    # Warm-up (kernels and their first-call autotuning, staged-weight caches, allocator): one step of
+    # full-size packed prefill and a few decode steps.
+    for p in prompts[:max(1, min(fit, prefill_tokens // input_len))]:
+        engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_work():
         engine.step()
     sync(device)

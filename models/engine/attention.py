@@ -95,12 +95,19 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
     if context is not None:
         k, v = k[:, :, :context], v[:, :, :context]
     Hkv, L = k.shape[1], k.shape[2]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if T == 1 and Hq != Hkv:
+        # GQA decode: the Hq / Hkv query heads of one kv head share its keys and (with one query
+        # token) its mask, so they go in as that head's query rows; no copy of K and V per query head
+        q_pos = context_lens[:, None, None, None] - 1                              # [B, 1, 1, 1]
+        visible = torch.arange(L, device=q.device)[None, None, None, :] <= q_pos   # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=visible,
+                                             scale=D ** -0.5)
+        return out.reshape(B, Hq, 1, D)
     if Hq != Hkv:  # GQA: each kv head serves Hq / Hkv consecutive query heads
         k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
     if T == context:  # the chunk is the whole sequence so far: plain causal attention
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
-                                              scale=D ** -0.5)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)
     q_pos = context_lens[:, None] - T + torch.arange(T, device=q.device)        # [B, T]
     visible = torch.arange(L, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None],
-                                          scale=D ** -0.5)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=D ** -0.5)
