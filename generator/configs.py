@@ -12,6 +12,9 @@ Families:
            staged "digit plane" operands of atom_ops/staging.py (exact small integers in e4m3,
            promoted to float after every 128-column group). Group 128 only; ``swap_ab`` puts
            the tokens on wgmma's N dimension for small M. tile_k counts staged (FP8) columns.
+           ``promotion="overlap"`` (name suffix ``_ovl``) swaps in the overlapped-promotion
+           mainloop of templates/atom_wgmma_overlap.cuh.j2 (same arithmetic, promotion of
+           k-tile k-1 overlapped with k-tile k's wgmmas).
     int8   not a W4A4 kernel: the plain CUTLASS INT8 GEMM (no groups) that bench/gemm.py uses as
            the ceiling; its own ``Int8GemmConfig`` and ABI (bottom of this file).
 """
