@@ -238,13 +238,7 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
     spec = a.spec
     m, n = a.rows, w.rows
     code = _DTYPE_CODE[out_dtype]
-    if not kernel and split_k == 0:
-        kernel, split_k = _tuned_choice(dev.index if dev.index is not None else torch.cuda.current_device(), cc,
-                                        m, n, spec.k, spec.group, spec.outliers, code)
-    try:
-        name, split = ext.plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, split_k, cc)
-    except ValueError as e:
-        raise FormatError(str(e)) from None
+    name, split = _plan(kernel, split_k, m, n, spec, code, dev, cc)
     if not name:
         return None
     out = _output(out, m, n, out_dtype, dev)
@@ -260,6 +254,44 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
                       ws.data_ptr() if ws is not None else 0, m, n, spec.k, spec.group, spec.outliers, code, split,
                       stream)
     return out
+
+
+def _plan(kernel: str, split_k: int, m: int, n: int, spec, code: int, dev, cc: int) -> tuple[str, int]:
+    """(kernel name, split-K) for this call: the forced kernel, else the tuning table's choice, else
+    the compiled dispatch; ('', 0) when no compiled kernel runs it."""
+    if not kernel and split_k == 0:
+        kernel, split_k = _tuned_choice(dev.index if dev.index is not None else torch.cuda.current_device(), cc,
+                                        m, n, spec.k, spec.group, spec.outliers, code)
+    try:
+        return extension().plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, split_k, cc)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, prologue: str, norm_weight, eps: float,
+                     out_dtype: torch.dtype, residual) -> torch.Tensor | None:
+    """Prologue + quantization kernel, then the dispatched GEMM kernel; for the wgmma family the
+    quantization kernel writes the staged operand itself (no staging launch). None when no
+    kernel applies (the caller runs the reference). Arguments are checked by atom_ops.linear."""
+    ext = extension()
+    if ext is None or not x.is_cuda:
+        return None
+    dev = x.device
+    cc = _device_cc(dev.index if dev.index is not None else torch.cuda.current_device())
+    if not ext.arch_for(cc):
+        return None
+    spec, m, n = w.spec, x.shape[0], w.rows
+    name, split = _plan("", 0, m, n, spec, _DTYPE_CODE[out_dtype], dev, cc)
+    if not name:
+        return None
+    staged = kernel_family(name) == "wgmma"
+    a, sa = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps, staged=staged)
+    if not staged:
+        return w4a4_gemm(a, w, out_dtype, residual, kernel=name, split_k=split)
+    check_gpu_args(a, w, residual)
+    with torch.cuda.device(dev):
+        return _launch_staged(name, sa, staged_weight(w), _DTYPE_CODE[out_dtype], residual,
+                              _output(None, m, n, out_dtype, dev))
 
 
 def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, residual=None, kernel: str = "",

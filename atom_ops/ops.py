@@ -20,16 +20,22 @@ def check_w4a4_args(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dty
     if a.spec != w.spec:
         raise FormatError(f"activation spec {a.spec} does not match weight spec {w.spec}")
     a.validate("activation")
+    check_output_args(a.rows, a.packed.device, w, out_dtype, residual)
+
+
+def check_output_args(rows: int, device: torch.device, w: QuantizedTensor, out_dtype: torch.dtype,
+                      residual: torch.Tensor | None) -> None:
+    """The weight, output dtype and residual of a product with `rows` activation rows on `device`."""
     w.validate("weight")
-    if a.packed.device != w.packed.device:
-        raise FormatError(f"activation on {a.packed.device} but weight on {w.packed.device}")
+    if device != w.packed.device:
+        raise FormatError(f"activation on {device} but weight on {w.packed.device}")
     if out_dtype not in _OUT_DTYPES:
         raise FormatError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
     if residual is not None:
-        if tuple(residual.shape) != (a.rows, w.rows):
-            raise FormatError(f"residual shape {tuple(residual.shape)} != output shape {(a.rows, w.rows)}")
-        if residual.dtype != out_dtype or residual.device != a.packed.device:
-            raise FormatError(f"residual must be {out_dtype} on {a.packed.device}, "
+        if tuple(residual.shape) != (rows, w.rows):
+            raise FormatError(f"residual shape {tuple(residual.shape)} != output shape {(rows, w.rows)}")
+        if residual.dtype != out_dtype or residual.device != device:
+            raise FormatError(f"residual must be {out_dtype} on {device}, "
                               f"got {residual.dtype} on {residual.device}")
 
 

@@ -61,11 +61,16 @@ class AtomLinear(nn.Module):
         w = self.quantized_weight.dequantize()
         return w[:, torch.argsort(self.perm)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
+                eps: float = 1e-5, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N]. `prologue` ("rmsnorm" with norm_weight/eps, or "silu_mul" on a
+        [..., 2K] gate_up output) runs inside the quantization kernel; `residual` [..., N], in the
+        output dtype, is added in the GEMM's epilogue (models/engine/fused_layers.py uses both)."""
         shape = x.shape
-        # One fused kernel on the GPU (atom_ops.quant_ops), the formats reference elsewhere.
-        a = atom_ops.quantize_activation_fused(x.reshape(-1, shape[-1]), self.spec, self.perm, self.act_clip)
-        y = atom_ops.w4a4_gemm(a, self.quantized_weight, _out_dtype(x)).to(x.dtype)
+        res = None if residual is None else residual.reshape(-1, self.out_features)
+        # the fused quantization kernel and the GEMM kernel on a GPU, the formats references elsewhere
+        y = atom_ops.quantized_linear(x.reshape(-1, shape[-1]), self.quantized_weight, self.perm, self.act_clip,
+                                      prologue, norm_weight, eps, _out_dtype(x), res).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

@@ -255,6 +255,41 @@ def test_atom_checkpoint_runs_on_kv4_pages_and_batches_exactly(atom_checkpoint):
         load_for_mode("fp16", str(atom_checkpoint), "cpu")
 
 
+def test_fused_atom_layers_match_the_layers_they_regroup(atom_checkpoint):
+    """The serving layers (q|k|v and gate|up regrouped, RMSNorm / SiLU-mul in the quantization op,
+    residuals in the GEMM) compute each decoder layer up to fp16 rounding, and the engine serves with them.
+    Layer by layer on the same input: a W4A4 model turns a last-bit change of a layer's input into a
+    few flipped quantization steps, which the next layers amplify (this tiny model: 0.9% in -> 11% out
+    of the next layer for the reference layers themselves), so whole-model outputs are not comparable."""
+    from models.engine.fused_layers import fuse_atom_layers
+    from models.engine.modes import _to_half, load_for_mode
+
+    model, _, _, _ = load_for_mode("atom", str(atom_checkpoint), "cpu")
+    assert fuse_atom_layers(model) is None  # fp32 model: its residual stream is not the GEMM's dtype
+    model = _to_half(model, "cpu")
+    fused = fuse_atom_layers(model)
+    assert fused is not None and fused.layers[0].qkv.out_features == 192 + 2 * 96
+    m = model.model
+    ids, positions = torch.tensor([prompts(256, (12,))[0]]), torch.arange(12)[None]
+    with torch.no_grad():
+        x = m.embed_tokens(ids)
+        cos, sin = m.rotary_emb(positions, x.dtype)
+        for layer, fused_layer in zip(m.layers, fused.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            unfused_qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)[0]
+            assert torch.equal(fused_layer.qkv(x[0], "rmsnorm", layer.input_layernorm.weight,
+                                               layer.input_layernorm.eps), unfused_qkv)
+            ref, got = layer(x, cos, sin).float(), fused_layer(x, cos, sin).float()
+            assert (got - ref).abs().max() <= 4e-2 * ref.abs().max()
+            assert (got - ref).pow(2).mean().sqrt() <= 2e-2 * ref.pow(2).mean().sqrt()
+            x = layer(x, cos, sin)
+    engine = Engine(model, EngineConfig(page_size=8, max_context=64, max_batch=4))
+    assert engine.fused is not None and engine.runner.body is engine.fused
+    done = engine.generate(prompts(256, (7, 12)), SamplingParams(max_tokens=5, ignore_eos=True))
+    assert [len(c.token_ids) for c in done] == [5, 5]
+
+
 def test_fp8_mode_refuses_the_cpu(tiny_config):
     from models.engine.fp8 import convert_to_fp8
     from models.engine.modes import load_for_mode

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+import atom_ops
 from atom_ops import formats, kernels, quant_ops, staging
 from atom_ops.formats import FormatError, QuantSpec
 from models.llama import RMSNorm
@@ -144,3 +145,60 @@ def test_opcheck_cuda():
     spec = QuantSpec(4096, 128, 128)
     x, perm, weight = _case(5, spec, "rmsnorm", torch.float16, "cuda", 3)
     torch.library.opcheck(torch.ops.atom.quantize_activation.default, (x, perm, weight, 1e-5, 1, 4096, 128, 128, 0.9))
+
+
+# ------------------------------------------------------------- quantized_linear (quantize + GEMM)
+
+def _weight(n, spec, seed):
+    g = torch.Generator().manual_seed(seed)
+    return formats.quantize_operand(torch.randn(n, spec.k, generator=g), spec, clip=0.85)
+
+
+@pytest.mark.parametrize("prologue", quant_ops.PROLOGUE_NAMES)
+def test_quantized_linear_is_quantize_then_gemm_on_cpu(prologue):
+    spec = QuantSpec(576, 128, 64)
+    x, perm, weight = _case(5, spec, prologue, torch.float32, "cpu", 4)
+    w, res = _weight(48, spec, 5), torch.randn(5, 48).half()
+    got = atom_ops.quantized_linear(x, w, perm, 0.9, prologue, weight, 1e-5, torch.float16, res)
+    want = formats.w4a4_matmul_reference(_reference(x, spec, perm, 0.9, prologue, weight), w, torch.float16, res)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.atom.quantized_linear.default,
+                          (x, perm, weight, 1e-5, quant_ops.PROLOGUE_NAMES.index(prologue), 0.9, w.packed, w.outlier,
+                           w.scale, 128, torch.float16, res))
+
+
+def test_quantized_linear_errors_name_the_problem():
+    spec = QuantSpec(576, 128, 64)
+    x, w = torch.randn(3, 576), _weight(32, spec, 6)
+    with pytest.raises(FormatError, match="residual shape"):
+        atom_ops.quantized_linear(x, w, residual=torch.zeros(3, 31, dtype=torch.float16))
+    with pytest.raises(FormatError, match="residual must be"):
+        atom_ops.quantized_linear(x, w, residual=torch.zeros(3, 32))
+    with pytest.raises(FormatError, match="out_dtype"):
+        atom_ops.quantized_linear(x, w, out_dtype=torch.float32)
+    with pytest.raises(FormatError, match="expected 576"):
+        atom_ops.quantized_linear(torch.randn(3, 512), w)
+    with pytest.raises(FormatError, match="weight.packed"):
+        atom_ops.quantized_linear(x, formats.QuantizedTensor(w.packed[:, :10], w.outlier, w.scale, spec))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_quantized_linear_kernels_match_reference():
+    """The fused path (quantization kernel writing the GEMM's operand, staged on sm90a, then the
+    dispatched GEMM with the residual in its epilogue) against the reference GEMM on the kernel's own
+    quantized activation (the RMSNorm kernel may move a value by one step; its own test bounds that)."""
+    from test_gemm_gpu import compare
+    rng = random.Random(7)
+    cases = [(m, rng.choice([128, 512, 1536]), rng.choice([(576, 64), (4096, 128), (1536, 0)]),
+              rng.choice(quant_ops.PROLOGUE_NAMES), rng.choice([torch.float16, torch.bfloat16]), rng.random() < 0.5)
+             for m in (1, 3, 16, 64, 77, 300, 1100) for _ in range(3)]
+    for i, (m, n, (k, outliers), prologue, dtype, residual) in enumerate(cases):
+        spec = QuantSpec(k, 128, outliers)
+        x, perm, weight = _case(m, spec, prologue, dtype, "cuda", 50 + i)
+        w = _weight(n, spec, 80 + i).to("cuda")
+        res = torch.randn(m, n, device="cuda").to(dtype) if residual else None
+        got = atom_ops.quantized_linear(x, w, perm, 0.9, prologue, weight, 1e-5, dtype, res)
+        a = quant_ops.quantize_activation(x, spec, perm, 0.9, prologue, weight)
+        _, max_rel, nbad, _ = compare(got, formats.w4a4_matmul_reference(a, w, dtype, res), dtype)
+        assert nbad == 0, (m, n, spec, prologue, dtype, residual, max_rel)

@@ -21,6 +21,7 @@ import torch
 
 from ..llama import rope_type
 from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
+from .fused_layers import fuse_atom_layers
 from .kv_cache import PageAllocator, make_pages, page_bytes, pages_for
 from .runner import ModelRunner
 from .sampling import RequestError, SamplingParams, make_generator, sample_batch
@@ -40,6 +41,7 @@ class EngineConfig:
     cuda_graphs: bool = False             # capture decode steps per batch bucket (GPU only)
     graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     static_decode_shapes: bool = False    # pad decode like the graphs do, without capturing (tests)
+    fuse_atom_layers: bool = True         # fp16/bf16 Atom models: regrouped layers (fused_layers.py)
 
     def __post_init__(self):
         for name in ("max_batch", "page_size", "max_prefill_tokens"):
@@ -91,7 +93,8 @@ class Engine:
         self.pages = make_pages(model, num_pages, config.page_size, self.dtype, self.device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, config.max_batch, config.max_prefill_tokens)
-        self.runner = ModelRunner(model, self.pages, config.page_size, self.pages_per_seq, self.device)
+        self.fused = fuse_atom_layers(model) if config.fuse_atom_layers else None
+        self.runner = ModelRunner(model, self.pages, config.page_size, self.pages_per_seq, self.device, self.fused)
         self.graphs = None
         if config.cuda_graphs:
             self.graphs = DecodeGraphs(self.runner, config.max_batch, config.graph_buckets)

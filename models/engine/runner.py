@@ -20,13 +20,16 @@ from .scheduler import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, pages, page_size: int, max_pages_per_seq: int, device: torch.device):
+    def __init__(self, model, pages, page_size: int, max_pages_per_seq: int, device: torch.device, body=None):
+        """`body`: what maps (input_ids, positions, batch) to final hidden states, default the model's
+        LlamaModel (fused_layers.FusedAtomModel for a served Atom model)."""
         self.model, self.pages, self.page_size = model, pages, page_size
+        self.body = body if body is not None else model.model
         self.max_pages_per_seq, self.device = max_pages_per_seq, device
 
     def forward(self, input_ids: Tensor, positions: Tensor, batch: PagedBatch) -> Tensor:
         """input_ids, positions [B, T] -> fp32 logits of the last position [B, vocab] (decode: T = 1)."""
-        hidden = self.model.model(input_ids, positions, batch)
+        hidden = self.body(input_ids, positions, batch)
         return self.model.lm_head(hidden[:, -1]).float()
 
     # ---------------------------------------------------------------- prefill
@@ -49,7 +52,7 @@ class ModelRunner:
         tables = [s.pages + [NULL_PAGE] * (width - len(s.pages)) for s, _ in chunks]
         t = self._tensor
         batch = PagedBatch(self.pages, t(tables), t([c for _, c in segments]), t(slots), tuple(segments))
-        hidden = self.model.model(t(ids)[None], t(positions)[None], batch)[0]   # [sum(n), hidden]
+        hidden = self.body(t(ids)[None], t(positions)[None], batch)[0]   # [sum(n), hidden]
         last = t(list(itertools.accumulate(n for n, _ in segments))) - 1
         return self.model.lm_head(hidden[last]).float()
 
