@@ -4,7 +4,7 @@ CUTLASS INT8 GEMM of our generator's int8 family, no groups: the ceiling our gro
 against), side by side in one process on the same shapes.
 
     python -m bench.gemm [--models llama-7b llama-3-8b smollm2-135m] [--m 1 16 64 256 1024 4096 8192]
-                         [--iters 20] [--kernel NAME] [--graph] [--out bench/results] [--tag h100]
+                         [--iters 20] [--kernel NAME] [--kernels wgmma|NAME ...] [--graph] [--out bench/results] [--tag h100]
 
 Shapes: every linear of each model (qkv, o, gate_up, down; models.config presets or an HF
 config.json), group 128 and the outlier rule of atom_ops.formats.choose_outliers. Activations
@@ -15,6 +15,10 @@ On the H100 the INT4 mma of the sm80-style kernels is emulated; the dispatch pic
 wgmma family (FP8 digit planes, atom_ops/staging.py) for group 128. "atom" times the op as a
 user calls it (activation staged with torch ops per call, weight staged once); "atom_kernel"
 times the wgmma kernel alone on staged operands. The ratio columns use atom_kernel when present.
+``--kernels`` also times each named compiled wgmma kernel (``wgmma``: every runnable one with
+fp16 output, e.g. the stock and the overlapped-promotion ``_ovl`` mainloops) alone on the same
+staged operands, one column per kernel plus the fastest one's ratios (``best_*``), in the same
+process as the baselines.
 """
 
 from __future__ import annotations
@@ -39,7 +43,24 @@ def model_shapes(name: str):
     return list(cfg.linear_shapes().items())
 
 
-def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, group: int, graph: bool = False):
+KERNEL_PREFIX = "k:"  # impl name of a kernel timed by --kernels: "k:<kernel name>"
+
+
+def kernel_label(name: str) -> str:
+    """Short column label of a wgmma kernel name (arch, group, outliers, dtype dropped)."""
+    return name.replace("atom_w4a4_wgmma_sm90a_", "").replace("_g128_oany_f16", "")
+
+
+def wgmma_kernels(requested) -> list[str]:
+    """--kernels: 'wgmma' = every runnable compiled wgmma kernel with fp16 output; else names."""
+    if requested == ["wgmma"]:
+        return sorted(k["name"] for k in kernels.runnable_kernels()
+                      if k["family"] == "wgmma" and k["out_dtype"] == "f16")
+    return list(requested)
+
+
+def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, group: int, graph: bool = False,
+               kernel_list=()):
     """{impl: timing dict or {'error': str}} for one (M, N, K)."""
     out = {}
     dev = "cuda"
@@ -128,6 +149,23 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
                 out["atom_kernel"] = rk
         except (RuntimeError, formats.FormatError) as e:
             out["atom"] = {"error": str(e).splitlines()[0][:160]}
+    if kernel_list:
+        # Each listed wgmma kernel alone on the same pre-staged operands (stock vs overlapped
+        # promotion, tiles): what atom_kernel times for the dispatched one.
+        o = formats.choose_outliers(k, group, 128)
+        spec = formats.QuantSpec(k, group, o)
+        sa = staging.stage_operand(formats.quantize_operand(x.float(), spec, clip=0.9), "a")
+        sw = kernels.staged_weight(formats.quantize_operand(w.float(), spec, clip=0.85))
+        y = torch.empty((m, n), device=dev, dtype=torch.float16)
+        for name in kernel_list:
+            try:
+                fk = lambda name=name: kernels.staged_gemm(sa, sw, torch.float16, None, name, y)  # noqa: E731
+                fk()
+                r = time_cuda(fk, iters, flush=flush, graph=graph)
+                r["kernel"] = name
+                out[KERNEL_PREFIX + name] = r
+            except (RuntimeError, formats.FormatError) as e:
+                out[KERNEL_PREFIX + name] = {"error": str(e).splitlines()[0][:160]}
     return out
 
 
@@ -162,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="timed iterations per case (median; >= 20 for reports)")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--kernel", default="", help="force one compiled kernel by name (default: dispatch)")
+    p.add_argument("--kernels", nargs="+", default=[],
+                   help="also time these compiled wgmma kernels alone on staged operands ('wgmma': all runnable, f16)")
     p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
     p.add_argument("--tag", default=None, help="file name tag (default: GPU name)")
     p.add_argument("--graph", action="store_true",
@@ -172,23 +212,28 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     flush = L2Flusher()
+    klist = wgmma_kernels(args.kernels) if args.kernels else []
+    if args.kernels and not klist:
+        print("bench.gemm --kernels: no runnable compiled wgmma kernel", file=sys.stderr)
+        return 2
     rows, table = [], []
     for model in args.models:
         for layer, (n, k) in model_shapes(model):
             if args.layers and layer not in args.layers:
                 continue
             for m in args.m:
-                res = bench_case(m, n, k, args.impls, args.iters, flush, args.kernel, args.group, args.graph)
+                res = bench_case(m, n, k, args.impls, args.iters, flush, args.kernel, args.group, args.graph, klist)
                 case = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
                         "timing": "cuda_graph" if args.graph else "eager"}
                 trow = {"model": model, "layer": layer, "M": m, "N": n, "K": k}
                 for impl, r in res.items():
                     row = {"case": case, "impl": impl, **r}
+                    col = kernel_label(impl[len(KERNEL_PREFIX):]) if impl.startswith(KERNEL_PREFIX) else impl
                     if "median_us" in r:
                         row["tops"] = 2 * m * n * k / (r["median_us"] * 1e-6) / 1e12
-                        trow[impl + "_us"] = f"{r['median_us']:.1f}"
+                        trow[col + "_us"] = f"{r['median_us']:.1f}"
                     else:
-                        trow[impl + "_us"] = "-"
+                        trow[col + "_us"] = "-"
                     rows.append(row)
                 # Ratios of our fastest path (the kernel on staged operands where it exists).
                 at = res.get("atom_kernel", res.get("atom", {})).get("median_us")
@@ -196,10 +241,22 @@ def main(argv=None) -> int:
                                   ("cutlass_int8", "atom_vs_int8")):
                     b = res.get(base, {}).get("median_us")
                     trow[col] = f"{b / at:.2f}x" if b and at else "-"
+                if klist:  # the fastest listed kernel and its ratios
+                    timed = [(r["median_us"], i[len(KERNEL_PREFIX):]) for i, r in res.items()
+                             if i.startswith(KERNEL_PREFIX) and "median_us" in r]
+                    if timed:
+                        best_us, best = min(timed)
+                        trow["best_kernel"] = kernel_label(best)
+                        for base, col in (("torch_fp16", "best_vs_fp16"), ("torch_fp8", "best_vs_fp8")):
+                            b = res.get(base, {}).get("median_us")
+                            trow[col] = f"{b / best_us:.2f}x" if b else "-"
                 table.append(trow)
-                print(f"{model} {layer} M={m}: " + ", ".join(f"{i}={trow.get(i + '_us')}" for i in res), flush=True)
+                print(f"{model} {layer} M={m}: " + ", ".join(
+                    f"{i}={r['median_us']:.1f}" if "median_us" in r else f"{i}=-" for i, r in res.items()), flush=True)
     cols = (["model", "layer", "M", "N", "K"] + [i + "_us" for i in args.impls]
             + ["atom_vs_fp16", "atom_vs_fp8", "atom_vs_int8"])
+    if klist:
+        cols += [kernel_label(nm) + "_us" for nm in klist] + ["best_kernel", "best_vs_fp16", "best_vs_fp8"]
     write_results(args.out, f"gemm_{args.tag or default_tag()}", "gemm", rows, table, cols, command_line("bench.gemm"),
                   plot=lambda path: plot(rows, path), kernels=kernels.kernel_names(),
                   int8_kernels=[k["name"] for k in kernels.int8_kernels_info()])

@@ -12,6 +12,9 @@ Families:
            staged "digit plane" operands of atom_ops/staging.py (exact small integers in e4m3,
            promoted to float after every 128-column group). Group 128 only; ``swap_ab`` puts
            the tokens on wgmma's N dimension for small M. tile_k counts staged (FP8) columns.
+           ``promotion="overlap"`` (name suffix ``_ovl``) swaps in the overlapped-promotion
+           mainloop of templates/atom_wgmma_overlap.cuh.j2 (same arithmetic, promotion of
+           k-tile k-1 overlapped with k-tile k's wgmmas).
     int8   not a W4A4 kernel: the plain CUTLASS INT8 GEMM (no groups) that bench/gemm.py uses as
            the ceiling; its own ``Int8GemmConfig`` and ABI (bottom of this file).
 """
@@ -57,6 +60,10 @@ IMPLEMENTED_FAMILIES = ("mma", "wgmma")
 OUT_DTYPES = {"f16": "__half", "bf16": "__nv_bfloat16"}      # name part -> C++ type
 OUT_DTYPE_ENUM = {"f16": "atom::OutDtype::kF16", "bf16": "atom::OutDtype::kBF16"}
 SCHEDULES = {"mma": ("multistage",), "wgmma": ("cooperative", "pingpong")}
+# wgmma promotion of each 128-column block: "stock" = CUTLASS's blockwise mainloop (wait for the
+# k-tile's wgmmas, then promote); "overlap" = templates/atom_wgmma_overlap.cuh.j2 (two temporary
+# accumulators: k-tile k-1 is promoted while k-tile k's wgmmas run). Name suffix _ovl.
+PROMOTIONS = ("stock", "overlap")
 MAX_ACCUMULATOR_REGS = 128  # int32 + float accumulators per thread (mma family)
 
 
@@ -86,6 +93,7 @@ class KernelConfig:
     cluster: tuple[int, int, int] = (1, 1, 1)
     schedule: str = "multistage"
     swap_ab: bool = False   # wgmma: GEMM A = weights, B = tokens (small M on wgmma's N)
+    promotion: str = "stock"  # wgmma: "overlap" = promote k-tile k-1 while k-tile k's wgmmas run (_ovl)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -100,6 +108,8 @@ class KernelConfig:
             parts.append(self.schedule)
         if self.swap_ab:
             parts.append("swap")
+        if self.promotion != PROMOTIONS[0]:
+            parts.append("ovl")
         if self.split_k:
             parts.append("sk")
         parts.append(f"g{self.group if self.group is not None else 'any'}")
@@ -110,7 +120,7 @@ class KernelConfig:
     _NAME_RE = re.compile(
         r"^atom_w4a4_(?P<family>[a-z0-9]+)_(?P<arch>sm\d+a?)_t(?P<tm>\d+)x(?P<tn>\d+)x(?P<tk>\d+)"
         r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+|auto)(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong))?"
-        r"(?P<swap>_swap)?(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
+        r"(?P<swap>_swap)?(?P<ovl>_ovl)?(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
 
     @classmethod
     def from_name(cls, name: str) -> "KernelConfig":
@@ -126,7 +136,7 @@ class KernelConfig:
                    outliers=None if d["o"] == "any" else int(d["o"]),
                    cluster=tuple(int(x) for x in d["cl"].split("x")) if d["cl"] else (1, 1, 1),
                    schedule=d["sched"] or SCHEDULES.get(fam, ("multistage",))[0],
-                   swap_ab=bool(d["swap"]))
+                   swap_ab=bool(d["swap"]), promotion="overlap" if d["ovl"] else PROMOTIONS[0])
 
     def replace(self, **kw) -> "KernelConfig":
         return replace(self, **kw)
@@ -149,9 +159,11 @@ class KernelConfig:
 
     @property
     def accumulator_regs(self) -> int:
-        """int32 + float (mma) or float temporary + float (wgmma) accumulators per thread."""
+        """int32 + float (mma) or float temporary + float (wgmma; overlap: two temporaries)
+        accumulators per thread."""
         threads = 128 if self.family == "wgmma" else 32
-        return 2 * self.warp_m * self.warp_n // threads
+        copies = 3 if self.promotion == "overlap" else 2
+        return copies * self.warp_m * self.warp_n // threads
 
     @property
     def cxx_out(self) -> str:
@@ -174,6 +186,10 @@ class KernelConfig:
             bad(f"out_dtype must be one of {tuple(OUT_DTYPES)}")
         if self.schedule not in SCHEDULES[self.family]:
             bad(f"schedule {self.schedule!r} not in {SCHEDULES[self.family]} for family {self.family}")
+        if self.promotion not in PROMOTIONS:
+            bad(f"promotion {self.promotion!r} not in {PROMOTIONS}")
+        if self.promotion != PROMOTIONS[0] and self.family != "wgmma":
+            bad(f"promotion {self.promotion!r} exists only in the wgmma family")
         FAMILY_CHECKS[self.family](self, info, bad)
 
     def supports(self, k: int, group: int, outliers: int, n: int) -> bool:
@@ -224,6 +240,9 @@ def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
 WGMMA_GROUP = 128             # the blockwise mainloop promotes once per 128-column k-tile
 WGMMA_EPILOGUE_SMEM = 32768   # reserve for the TMA epilogue's C/D staging buffers
 MAX_WGMMA_ACCUMULATOR_REGS = 128
+# Overlap: float accumulator + two temporaries. A consumer warp group gets 232 registers
+# (setmaxnreg); 64x128 (192) compiles without spills (ptxas -v, README), more would not fit.
+MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS = 192
 
 
 def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
@@ -245,9 +264,11 @@ def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
         bad("the cooperative schedule needs tile_m = 128 (two consumer warp groups of 64 rows)")
     if (self.warp_m, self.warp_n) != want:
         bad(f"warp tile must be one consumer warp group's tile {want[0]}x{want[1]} for {self.schedule}")
-    if self.accumulator_regs > MAX_WGMMA_ACCUMULATOR_REGS:
+    limit, what = ((MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS, "two float temporaries + float") if self.promotion == "overlap"
+                   else (MAX_WGMMA_ACCUMULATOR_REGS, "float temporary + float"))
+    if self.accumulator_regs > limit:
         bad(f"warp group tile {self.warp_m}x{self.warp_n} needs {self.accumulator_regs} accumulator "
-            f"registers per thread (float temporary + float), more than {MAX_WGMMA_ACCUMULATOR_REGS}")
+            f"registers per thread ({what}), more than {limit}")
     if self.stages != 0:
         bad("stages must be 0 (auto: CUTLASS's blockwise builder sizes the pipeline to the shared memory)")
     if self.cluster[2] != 1 or self.cluster[0] * self.cluster[1] > 2:

@@ -3,6 +3,7 @@
 Layout of ``<out>/`` (default build/generated/):
     include/atom_w4a4_api.h        C ABI shared by kernels, registries and the binding
     include/atom_w4a4_mma.cuh      the mma family's kernel template
+    include/atom_wgmma_overlap.cuh the wgmma family's overlapped-promotion mainloop (promotion="overlap")
     include/atom_cutlass_run.cuh   workspace + can_implement/initialize/run for CUTLASS device GEMMs
     <arch>/<kernel name>.cu        one translation unit per kernel
     <arch>/registry.cpp            that arch's kernel table and dispatch if-chains
@@ -55,7 +56,7 @@ def render(template: str, **ctx) -> str:
 # Per-family templates: a family adds templates/kernel_<family>.cu.j2 (one TU per config,
 # defining atom::check_<name> and atom::launch_<name>) and, if it needs one, a header listed
 # in FAMILY_HEADERS; registries, dispatch, binding and CMake are shared.
-FAMILY_HEADERS = {"mma": ("atom_w4a4_mma.cuh.j2",)}
+FAMILY_HEADERS = {"mma": ("atom_w4a4_mma.cuh.j2",), "wgmma": ("atom_wgmma_overlap.cuh.j2",)}
 
 
 # Plain CUDA ops (no CUTLASS) compiled once for every arch's gencode (sources.cmake ATOM_MULTIARCH_SOURCES).

@@ -6,7 +6,8 @@ Memcheck on a few shapes:
     compute-sanitizer --tool memcheck python tests/test_gemm_gpu.py --sanitize
 Every compiled kernel that runs on the device is forced by name over every random shape of
 its output dtype (outputs poisoned with NaN first, so unwritten elements fail), and the
-dispatch path (the torch op) runs too. Tolerance: float summation order only.
+dispatch path (the torch op) runs too; the wgmma kernels (stock and overlapped promotion)
+also run at prefill sizes. Tolerance: float summation order only.
 """
 
 from __future__ import annotations
@@ -115,6 +116,43 @@ def test_every_kernel_random_shapes():
     print(f"{N_SHAPES} shapes, {len(failures)} failures")
     assert not failures, "\n".join(failures[:20])
     assert all(v[0] > 0 for v in stats.values()), stats
+
+
+# Prefill sizes for the wgmma family (test_every_kernel_random_shapes stops at M = 513): many
+# output tiles per persistent CTA, odd (35, 89) and even (32, 8) k-tile counts, which the
+# overlapped-promotion mainloop (_ovl, two temporaries alternating by k-tile parity) must all get right.
+LARGE_CASES = [(2048, 4096, QuantSpec(4096, 128, 128), True), (1000, 4096, QuantSpec(4096, 128, 0), False),
+               (1536, 2048, QuantSpec(11008, 128, 128), True), (4096, 1024, QuantSpec(576, 128, 64), False)]
+
+
+@needs_gpu
+def test_wgmma_kernels_prefill_sizes():
+    wg = [k for k in kernels.runnable_kernels() if k["family"] == "wgmma"]
+    if not wg:
+        pytest.skip("no wgmma-family kernel runs on this device (sm90a only)")
+    names = {k["name"] for k in wg}
+    failures = []
+    for i, (m, n, spec, residual) in enumerate(LARGE_CASES):
+        for dtype, want in ((torch.float16, "f16"), (torch.bfloat16, "bf16")):
+            a, w, res = make_operands(m, n, spec, dtype, residual, seed=100 + i)
+            ref = formats.w4a4_matmul_reference(a, w, dtype, res)
+            outs = {}
+            for k in (k for k in wg if k["out_dtype"] == want):
+                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                outs[k["name"]] = kernels.w4a4_gemm(a, w, dtype, res, kernel=k["name"], out=out)
+                torch.cuda.synchronize()
+                max_abs, max_rel, nbad, exact = compare(outs[k["name"]], ref, dtype)
+                print(f"{k['name']} M={m} N={n} {spec} residual={residual}: max |err| / max |ref| = {max_rel:.3g}, "
+                      f"bit-exact vs reference {exact:.4f}")
+                if nbad:
+                    failures.append(f"{k['name']} M={m} N={n} {spec}: {nbad} bad, max abs err {max_abs:.3g}")
+            # The overlapped promotion does the stock arithmetic per block: compare with its stock twin.
+            for name, got in outs.items():
+                twin = name.replace("_ovl_", "_")
+                if "_ovl_" in name and twin in names:
+                    same = float((got == outs[twin]).float().mean())
+                    print(f"{name} vs {twin}: bit-identical fraction {same:.4f}")
+    assert not failures, "\n".join(failures[:20])
 
 
 @needs_gpu

@@ -15,8 +15,8 @@ from generator import ConfigError, KernelConfig, Manifest, default_manifest, emi
 from generator.cli import main as cli_main
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
-from generator.manifest import (LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, level_configs, model_shapes,
-                                outliers_for)
+from generator.manifest import (LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL, level_configs,
+                                model_shapes, outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_ARCHS = ("sm80", "sm86", "sm89", "sm90a")
@@ -98,7 +98,7 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert not WGMMA_PREFILL.supports(4096, 64, 128, 4096) and not WGMMA_PREFILL.supports(4096, 128, 128, 4100)
     m = default_manifest(["sm90a"])
     fams = sorted(c.family for c in m.configs())
-    assert fams.count("wgmma") == 6 and fams.count("mma") == 4  # + the mma fallback for group 64
+    assert fams.count("wgmma") == 8 and fams.count("mma") == 4  # + the mma fallback for group 64
     d = default_dispatch("sm90a")
     assert [r.kernel for r in d.rules] == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
     out = tmp_path / "gen"
@@ -120,6 +120,50 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert '"${CMAKE_CURRENT_LIST_DIR}/quant_ops.cu"' in multiarch and '"${CMAKE_CURRENT_LIST_DIR}/attention.cu"' in multiarch
     assert "kv4_decode_kernel" in (out / "attention.cu").read_text()
     assert "compute_90a" in cm.split("ATOM_GENCODE_ALL", 1)[1].splitlines()[0]
+
+
+def test_wgmma_overlap_promotion_config_naming_and_render(tmp_path):
+    ovl = WGMMA_PREFILL_OVL
+    assert ovl.promotion == "overlap" and WGMMA_PREFILL.promotion == "stock"
+    # Stock names are unchanged; overlap adds _ovl (after schedule/swap) and round-trips.
+    assert ovl.name == "atom_w4a4_wgmma_sm90a_t128x128x128_w64x128_sauto_c1x2x1_ovl_g128_oany_f16"
+    swap = WGMMA_MEDIUM.replace(promotion="overlap", out_dtype="bf16")
+    assert swap.name == "atom_w4a4_wgmma_sm90a_t128x64x128_w64x64_sauto_swap_ovl_g128_oany_bf16"
+    pp = KernelConfig("wgmma", "sm90a", 64, 128, 128, 64, 128, 0, group=128, schedule="pingpong", promotion="overlap")
+    for c in (ovl, swap, pp):
+        c.validate()
+        assert KernelConfig.from_name(c.name) == c
+    assert ovl.supports(4096, 128, 128, 4096) == WGMMA_PREFILL.supports(4096, 128, 128, 4096)
+    # Two temporaries + the accumulator: 192 registers at a 64x128 warp-group tile, 64x256 is too many.
+    assert ovl.accumulator_regs == 192 and WGMMA_PREFILL.accumulator_regs == 128
+    with pytest.raises(ConfigError, match="accumulator"):
+        pp.replace(tile_n=256, warp_n=256).validate()
+    with pytest.raises(ConfigError, match="promotion 'eager' not in"):
+        WGMMA_PREFILL.replace(promotion="eager").validate()
+    with pytest.raises(ConfigError, match="only in the wgmma family"):
+        LARGE.replace(promotion="overlap").validate()
+    # Level 0: the prefill tile's overlap variant (both dtypes); level 1 adds medium, no-cluster
+    # and ping-pong overlap tiles. The default dispatch stays on the stock mainloop.
+    lv0 = [c for c in level_configs(0) if c.promotion == "overlap"]
+    lv1 = [c for c in level_configs(1) if c.promotion == "overlap"]
+    assert lv0 == [ovl] and len(lv1) == 4
+    assert all(r.kernel.promotion == "stock" for r in default_dispatch("sm90a").rules)
+    m = default_manifest(["sm90a"])
+    assert {ovl.name, ovl.replace(out_dtype="bf16").name} <= set(m.names())
+    out = tmp_path / "gen"
+    emit(m, out)
+    src = (out / "sm90a" / f"{ovl.name}.cu").read_text()
+    assert '#include "atom_wgmma_overlap.cuh"' in src
+    assert "using CollectiveMainloop = atom::Sm90OverlapPromotionMma<StockMainloop>;" in src
+    stock = (out / "sm90a" / f"{WGMMA_PREFILL.name}.cu").read_text()
+    assert "atom_wgmma_overlap" not in stock and "Sm90OverlapPromotionMma" not in stock
+    hdr = (out / "include" / "atom_wgmma_overlap.cuh").read_text()
+    assert "struct MainloopSm90OverlapPromotion" in hdr and "warpgroup_wait<1>()" in hdr
+    reg = (out / "sm90a" / "registry.cpp").read_text()
+    assert f"&launch_{ovl.name}" in reg  # compiled and listed (the bench / tests can force it by name)
+    assert f'return {{"{ovl.name}", 1}}' not in reg  # ... but never dispatched by default
+    data = json.loads((out / "manifest.json").read_text())
+    assert {k["name"]: k["promotion"] for k in data["kernels"]}[ovl.name] == "overlap"
 
 
 def test_smem_limit_depends_on_arch():
@@ -354,7 +398,7 @@ def test_int8_family_names_manifest_and_emit(tmp_path):
     assert sm80.name not in m.names()  # not a W4A4 kernel: never dispatched, never in the W4A4 table
     data = json.loads((out / "manifest.json").read_text())
     assert [k["name"] for k in data["int8_kernels"]] == [sm80.name, sm90.name]
-    assert len(data["kernels"]) == 18  # 4 mma per arch + 6 wgmma on sm90a
+    assert len(data["kernels"]) == 20  # 4 mma per arch + 8 wgmma on sm90a (2 with overlapped promotion)
     cm = (out / "sources.cmake").read_text()
     assert f"sm80/{sm80.name}.cu" in cm and f"sm90a/{sm90.name}.cu" in cm
     reg = (out / "sm80" / "registry.cpp").read_text()
