@@ -82,12 +82,13 @@ class ArchDispatch:
 def default_dispatch(arch: str) -> ArchDispatch:
     """Built-in rules: small tile with split-K for decode, small tile, then the large tile.
     sm90a: the wgmma family (swap-AB decode tile up to M = 64, swap-AB medium tile up to 512,
-    then the prefill tile: the measured best per range on our H100); calls it cannot run
+    then the prefill tile with the overlapped promotion: the measured best per range on our H100,
+    bench/results/gemm_h100_ovl.txt); calls it cannot run
     (group 64) fall back at run time to the first compiled kernel that can (the binding's
     plan()), i.e. the mma family."""
-    from .manifest import LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL
+    from .manifest import LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL
     if arch == "sm90a":
-        rules = (DispatchRule(64, WGMMA_DECODE), DispatchRule(512, WGMMA_MEDIUM), DispatchRule(None, WGMMA_PREFILL))
+        rules = (DispatchRule(64, WGMMA_DECODE), DispatchRule(512, WGMMA_MEDIUM), DispatchRule(None, WGMMA_PREFILL_OVL))
         check_rules(list(rules), f"default dispatch for {arch}")
         return ArchDispatch(rules)
     small = SMALL.replace(arch=arch)

@@ -100,7 +100,7 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     fams = sorted(c.family for c in m.configs())
     assert fams.count("wgmma") == 8 and fams.count("mma") == 4  # + the mma fallback for group 64
     d = default_dispatch("sm90a")
-    assert [r.kernel for r in d.rules] == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
+    assert [r.kernel for r in d.rules] == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL]
     out = tmp_path / "gen"
     emit(m, out)
     src = (out / "sm90a" / f"{WGMMA_DECODE.name}.cu").read_text()
@@ -110,7 +110,7 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert "KernelTmaWarpSpecializedCooperativeFP8Blockwise" in pre and "Shape<_1, _2, _1>" in pre
     reg = (out / "sm90a" / "registry.cpp").read_text()
     assert f'if (M <= 64) return {{"{WGMMA_DECODE.name}", 1}};' in reg
-    assert f'return {{"{WGMMA_PREFILL.replace(out_dtype="bf16").name}", 1}};' in reg
+    assert f'return {{"{WGMMA_PREFILL_OVL.replace(out_dtype="bf16").name}", 1}};' in reg
     api = (out / "include" / "atom_w4a4_api.h").read_text()
     assert "inline int staged_k(int K, int outliers)" in api
     # The plain CUDA TUs (fused quantization, KV4 attention) are emitted once and compiled for every arch's gencode.
@@ -143,11 +143,11 @@ def test_wgmma_overlap_promotion_config_naming_and_render(tmp_path):
     with pytest.raises(ConfigError, match="only in the wgmma family"):
         LARGE.replace(promotion="overlap").validate()
     # Level 0: the prefill tile's overlap variant (both dtypes); level 1 adds medium, no-cluster
-    # and ping-pong overlap tiles. The default dispatch stays on the stock mainloop.
+    # and ping-pong overlap tiles. The default dispatch takes the overlap prefill tile above M = 512.
     lv0 = [c for c in level_configs(0) if c.promotion == "overlap"]
     lv1 = [c for c in level_configs(1) if c.promotion == "overlap"]
     assert lv0 == [ovl] and len(lv1) == 4
-    assert all(r.kernel.promotion == "stock" for r in default_dispatch("sm90a").rules)
+    assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock", "stock", "overlap"]
     m = default_manifest(["sm90a"])
     assert {ovl.name, ovl.replace(out_dtype="bf16").name} <= set(m.names())
     out = tmp_path / "gen"
@@ -160,8 +160,9 @@ def test_wgmma_overlap_promotion_config_naming_and_render(tmp_path):
     hdr = (out / "include" / "atom_wgmma_overlap.cuh").read_text()
     assert "struct MainloopSm90OverlapPromotion" in hdr and "warpgroup_wait<1>()" in hdr
     reg = (out / "sm90a" / "registry.cpp").read_text()
-    assert f"&launch_{ovl.name}" in reg  # compiled and listed (the bench / tests can force it by name)
-    assert f'return {{"{ovl.name}", 1}}' not in reg  # ... but never dispatched by default
+    assert f"&launch_{ovl.name}" in reg
+    assert f'return {{"{ovl.name}", 1}}' in reg  # the default above M = 512
+    assert f"&launch_{WGMMA_PREFILL.name}" in reg  # the stock twin: compiled, listed, forced by name only
     data = json.loads((out / "manifest.json").read_text())
     assert {k["name"]: k["promotion"] for k in data["kernels"]}[ovl.name] == "overlap"
 
