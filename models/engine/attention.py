@@ -72,7 +72,8 @@ class LayerKV:
             outs.append(paged_attention(q[:, :, start:start + n], b.pages, self.index, tables,
                                         b.context_lens[row:row + 1], context))
             start += n
-        return torch.cat(outs, dim=2)
+        # concatenated as [B, T, Hq, D] so that the caller's transpose + reshape to [B * T, Hq * D] is a view
+        return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
 
 
 def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_lens: Tensor,
