@@ -21,6 +21,17 @@ value = nibble * scale + zero (formats.quantize_kv / dequantize_kv); the group i
     kv4_gather(k_pool, v_pool, block_tables, dtype) -> k, v [B, kv_heads, W * page_size, head_dim]
         The dequantized pages in `dtype`, bit-exact with formats.dequantize_kv(...).to(dtype).
 
+The fp16 / fp8 serving modes' cache has plain pages (models/engine/kv_cache.py FloatPages); their
+decode attention is the same flash-decoding kernel over float rows:
+
+    paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, splits=0) -> [B, Hq, head_dim]
+        k_pool, v_pool: one layer of FloatPages' pools, [pages, page_size, kv_heads, head_dim] contiguous,
+        in q's dtype (float16 or bfloat16; slot s = page * page_size + offset, as above). Same contract
+        as kv4_decode_attention otherwise (q [B, Hq, head_dim], block_tables [B, W] and context_lens [B]
+        int32 or int64, 0 gives a zero row, scale head_dim^-0.5, GQA h // (Hq / Hkv), decode_splits'
+        rule, no host sync: CUDA-graph safe). Kernel: mma.sync in q's dtype with float32 accumulation
+        (probabilities rounded to q's dtype for the P . V MMA); reference: paged_decode_reference.
+
 Decode has two kernels: a tensor-core one (mma.sync m16n8k16, fp32 accumulation; sm_80+: q . K on
 the raw nibbles with each group's scale and zero applied in fp32, V dequantized to fp16 in
 registers) for float16 q, and a SIMT fp32 one, which bfloat16 q always takes. The environment variable ATOM_KV4_DECODE=simt|mma forces one (read at each call; `mma`
@@ -103,8 +114,26 @@ def kv4_gather_reference(k_pool: Pool, v_pool: Pool, block_tables: Tensor, dtype
 def kv4_decode_reference(q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor,
                          context_lens: Tensor) -> Tensor:
     """The paged-attention math for one query token per row, in float32 from the dequantized cache."""
-    B, Hq, D = q.shape
     k, v = _dequantized(k_pool, block_tables), _dequantized(v_pool, block_tables)  # [B, Hkv, L, D]
+    return _decode_math(q, k, v, context_lens)
+
+
+def _gathered(pool: Tensor, block_tables: Tensor) -> Tensor:
+    """float32 [B, kv_heads, W * page_size, head_dim] of each row's float pages."""
+    B, W = block_tables.shape
+    x = pool[block_tables]  # [B, W, page_size, Hkv, D]
+    return x.reshape(B, W * pool.shape[1], *pool.shape[2:]).transpose(1, 2).float()
+
+
+def paged_decode_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                           context_lens: Tensor) -> Tensor:
+    """paged_decode_attention's math: gather the pages, masked softmax, all in float32."""
+    return _decode_math(q, _gathered(k_pool, block_tables), _gathered(v_pool, block_tables), context_lens)
+
+
+def _decode_math(q: Tensor, k: Tensor, v: Tensor, context_lens: Tensor) -> Tensor:
+    """Attention of q [B, Hq, D] over float32 k, v [B, Hkv, L, D], row b seeing its first context_lens[b]."""
+    B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     qf = q.float().reshape(B, Hkv, Hq // Hkv, D)  # query head h = g * R + r reads kv head g
     scores = torch.einsum("bgrd,bgld->bgrl", qf, k) * D ** -0.5
@@ -140,6 +169,18 @@ def kernels_available() -> bool:
 
 def _runs_kernel(t: Tensor) -> bool:
     return t.is_cuda and kernels_available()
+
+
+@functools.cache
+def paged_kernel_available() -> bool:
+    """The compiled extension has paged_decode_attention (fp16 / bf16 pages)."""
+    from .kernels import extension
+    ext = extension()
+    return ext is not None and hasattr(ext, "paged_decode_attention")
+
+
+def _runs_paged_kernel(t: Tensor) -> bool:
+    return t.is_cuda and paged_kernel_available()
 
 
 def _check_devices(op: str, **tensors) -> torch.device:
@@ -234,6 +275,41 @@ def check_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
     _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
 
 
+def check_paged_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
+    op = "paged_decode_attention"
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise FormatError(f"{op}: {name} must be a 4-D tensor [pages, page_size, kv_heads, head_dim], "
+                              f"got {type(t).__name__} {tuple(t.shape) if isinstance(t, Tensor) else ''}")
+        if not t.is_contiguous():
+            raise FormatError(f"{op}: {name} must be contiguous (one layer of a contiguous pool)")
+    if v_pool.shape != k_pool.shape or v_pool.dtype != k_pool.dtype:
+        raise FormatError(f"{op}: k_pool {k_pool.dtype} {tuple(k_pool.shape)} and v_pool {v_pool.dtype} "
+                          f"{tuple(v_pool.shape)} differ")
+    _, page_size, kv_heads, head_dim = k_pool.shape
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise FormatError(f"{op}: q must be [B, q_heads, {head_dim}] (one token per row), got {tuple(q.shape)}")
+    if not q.is_floating_point() or q.dtype != k_pool.dtype:
+        raise FormatError(f"{op}: q and the pools must share one floating dtype, got q {q.dtype}, "
+                          f"pools {k_pool.dtype}")
+    if kv_heads == 0 or q.shape[1] % kv_heads or q.shape[1] == 0:
+        raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
+    _check_index(op, "block_tables", block_tables, 2)
+    _check_index(op, "context_lens", context_lens, 1)
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise FormatError(f"{op}: block_tables {tuple(block_tables.shape)} and context_lens "
+                          f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
+    _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool, v_pool=v_pool)
+    if _runs_paged_kernel(q):
+        why = kernel_limits(head_dim, head_dim, q.dtype, q.shape[1], kv_heads)  # group: any valid one
+        if why is None and k_pool.shape[0] * page_size >= 2 ** 31:
+            why = "the pool has >= 2^31 slots"
+        if why is None and (k_pool.data_ptr() % 16 or v_pool.data_ptr() % 16):
+            why = "the pools must be 16-byte aligned"
+        if why:
+            raise FormatError(f"{op}: the CUDA kernel cannot run this call: {why}")
+
+
 def check_gather_args(k_pool, v_pool, block_tables, dtype) -> None:
     op = "kv4_gather"
     _, _, head_dim, group = _pools(k_pool, v_pool, op)
@@ -322,6 +398,28 @@ def _launch_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: i
     return out
 
 
+def _launch_paged_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: int, sms: int,
+                         stream: int) -> Tensor:
+    B, q_heads, head_dim = q.shape
+    pages, page_size, kv_heads, _ = k_pool.shape
+    W = block_tables.shape[1]
+    out = torch.empty((B, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if B == 0 or W == 0:
+        return out.zero_()
+    if not (q.stride(2) == 1 and q.stride(1) == head_dim):
+        q = q.contiguous()
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    lens = context_lens.contiguous()
+    splits = splits or decode_splits(B, kv_heads, W * page_size, sms)  # the KV4 rule: shapes only
+    ws = torch.empty(B * q_heads * splits * (head_dim + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+    ext.paged_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), _DTYPE_CODE[q.dtype], k_pool.data_ptr(),
+                               v_pool.data_ptr(), pages * page_size, tables.data_ptr(), tables.stride(0),
+                               int(tables.dtype == torch.int64), lens.data_ptr(), int(lens.dtype == torch.int64),
+                               B, q_heads, kv_heads, head_dim, page_size, W, head_dim ** -0.5, splits,
+                               ws.data_ptr() if ws is not None else 0, out.data_ptr(), stream)
+    return out
+
+
 def _launch_gather(ext, k_pool, v_pool, block_tables, dtype, stream: int) -> tuple[Tensor, Tensor]:
     page_size, kv_heads, head_dim = k_pool[0].shape[1], k_pool[0].shape[2], 2 * k_pool[0].shape[3]
     B, W = block_tables.shape
@@ -380,6 +478,20 @@ def _(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, con
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("atom::paged_decode_attention", mutates_args=())
+def _paged_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,
+                     splits: int) -> Tensor:
+    if _runs_paged_kernel(q):
+        return _call(q, _launch_paged_decode, q, k_pool, v_pool, block_tables, context_lens, splits,
+                     _device_sms(q.device))
+    return paged_decode_reference(q, k_pool, v_pool, block_tables, context_lens)
+
+
+@_paged_decode_op.register_fake
+def _(q, k_pool, v_pool, block_tables, context_lens, splits):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("atom::kv4_gather", mutates_args=())
 def _kv4_gather_op(k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor,
                    v_zero: Tensor, block_tables: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -417,3 +529,13 @@ def kv4_gather(k_pool: Pool, v_pool: Pool, block_tables: Tensor, dtype: torch.dt
     """Dequantized K and V [B, kv_heads, W * page_size, head_dim] in `dtype` of block_tables [B, W]'s pages."""
     check_gather_args(k_pool, v_pool, block_tables, dtype)
     return _kv4_gather_op(*k_pool, *v_pool, block_tables, dtype)
+
+
+def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,
+                           splits: int = 0) -> Tensor:
+    """Decode attention of q [B, Hq, head_dim] over float pages k_pool, v_pool [pages, page_size, kv_heads,
+    head_dim] (q's dtype) -> [B, Hq, head_dim] in q's dtype (module doc). `splits` as kv4_decode_attention."""
+    check_paged_decode_args(q, k_pool, v_pool, block_tables, context_lens)
+    if splits < 0:
+        raise FormatError(f"paged_decode_attention: splits must be >= 0, got {splits}")
+    return _paged_decode_op(q, k_pool, v_pool, block_tables, context_lens, int(splits))

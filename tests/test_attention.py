@@ -1,11 +1,12 @@
-"""The INT4 KV cache ops (atom_ops/attention.py): kv4_append, kv4_decode_attention, kv4_gather.
+"""The KV cache ops (atom_ops/attention.py): kv4_append, kv4_decode_attention, kv4_gather, and
+paged_decode_attention (decode over plain fp16 / bf16 pages, the fp16 / fp8 modes' baseline).
 
 CPU: the references against the model's RoPE, formats.quantize_kv / dequantize_kv and the engine's
 torch paged attention; argument errors; the decode split rule; opcheck.
 GPU (`gpu` marker): each CUDA kernel against its reference over many shapes (kv4_append and
 kv4_gather bit-exact; decode within fp16 / bf16 output rounding), CUDA-graph capture of decode,
 and the engine on the kernels. Decode runs both kernels (ATOM_KV4_DECODE=simt and =mma, the
-tensor-core kernel, which takes float16 q). Memcheck on a few cases (both decode kernels):
+tensor-core kernel, which takes float16 q). Memcheck on a few cases (both KV4 decode kernels and the paged fp16 / bf16 one):
     compute-sanitizer --tool memcheck python tests/test_attention.py --sanitize
 """
 
@@ -238,10 +239,73 @@ def test_bench_inputs_and_sdpa_baseline_agree_on_cpu(layout):
     assert bench.kv4_bytes(2, 40, hkv, d) * 128 // 68 == bench.fp16_bytes(2, 40, hkv, d) // 2  # 68 B vs 256 B
 
 
+# ------------------------------------------------------------ paged_decode_attention (CPU)
+
+def float_pool(pages: int, page_size: int, kv_heads: int, head_dim: int, dtype, seed: int, device="cpu"):
+    """One layer of FloatPages: random [pages, page_size, kv_heads, head_dim] values in dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(pages, page_size, kv_heads, head_dim, generator=g) * 2).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("hq, hkv, index_dtype", [(4, 4, torch.int64), (8, 2, torch.int32), (8, 1, torch.int64)])
+def test_paged_decode_reference_is_per_row_attention(hq, hkv, index_dtype):
+    """The reference against a per-row, per-head loop: gather the row's slots, softmax, weighted sum."""
+    ps, d, lens = 4, 16, [0, 1, 4, 5, 11]
+    tables, pages = block_tables_for(lens, ps, 3, extra_width=1, index_dtype=index_dtype)
+    kp, vp = (float_pool(pages, ps, hkv, d, torch.float16, s) for s in (1, 2))
+    q = torch.randn(len(lens), hq, d).half()
+    got = A.paged_decode_attention(q, kp, vp, tables, torch.tensor(lens, dtype=index_dtype))
+    assert got.dtype == torch.float16 and got.shape == q.shape
+    for b, n in enumerate(lens):
+        slots = [int(tables[b, j // ps]) * ps + j % ps for j in range(n)]
+        k = kp.reshape(-1, hkv, d)[slots].float()  # [n, Hkv, D]
+        v = vp.reshape(-1, hkv, d)[slots].float()
+        for h in range(hq):
+            kvh = h // (hq // hkv)
+            if n == 0:
+                want = torch.zeros(d)
+            else:
+                w = torch.softmax(k[:, kvh] @ q[b, h].float() / math.sqrt(d), dim=0)
+                want = w @ v[:, kvh]
+            torch.testing.assert_close(got[b, h].float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_paged_decode_errors_name_the_problem():
+    kp = float_pool(3, 4, 2, 64, torch.float16, 1)
+    q, tables, ctx = torch.randn(1, 4, 64).half(), torch.tensor([[1]]), torch.tensor([2])
+    with pytest.raises(FormatError, match="dtype"):
+        A.paged_decode_attention(q.float(), kp, kp, tables, ctx)
+    with pytest.raises(FormatError, match="differ"):
+        A.paged_decode_attention(q, kp, kp[:2], tables, ctx)
+    with pytest.raises(FormatError, match="4-D"):
+        A.paged_decode_attention(q, kp[0], kp[0], tables, ctx)
+    with pytest.raises(FormatError, match="contiguous"):
+        A.paged_decode_attention(q, kp.transpose(1, 2), kp.transpose(1, 2), tables, ctx)
+    with pytest.raises(FormatError, match="multiple of kv_heads"):
+        A.paged_decode_attention(q[:, :3], kp, kp, tables, ctx)
+    with pytest.raises(FormatError, match="head_dim|q must be"):
+        A.paged_decode_attention(q[..., :32], kp, kp, tables, ctx)
+    with pytest.raises(FormatError, match="block_tables"):
+        A.paged_decode_attention(q, kp, kp, tables.float(), ctx)
+    with pytest.raises(FormatError, match="batch"):
+        A.paged_decode_attention(q, kp, kp, tables, torch.tensor([2, 3]))
+    with pytest.raises(FormatError, match="splits"):
+        A.paged_decode_attention(q, kp, kp, tables, ctx, splits=-1)
+
+
+def test_paged_opcheck_cpu():
+    kp, vp = (float_pool(3, 4, 2, 64, torch.float16, s) for s in (1, 2))
+    q, ctx, tables = torch.randn(2, 4, 64).half(), torch.tensor([5, 0]), torch.tensor([[2, 1], [0, 0]])
+    torch.library.opcheck(torch.ops.atom.paged_decode_attention.default, (q, kp, vp, tables, ctx, 0))
+
+
+
 # ------------------------------------------------------------------------------- GPU
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not A.kernels_available(),
                                reason="needs a CUDA GPU and the compiled extension atom_ops._C")
+needs_paged_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not A.paged_kernel_available(),
+                                     reason="needs a CUDA GPU and atom_ops._C with paged_decode_attention")
 GPU = "cuda"  # the device of the GPU cases' tensors (a CPU emulation of the kernels may swap it)
 LAYOUTS = [(9, 3, 64), (32, 32, 128), (32, 8, 128), (8, 8, 64), (24, 3, 128), (12, 4, 64)]  # (Hq, Hkv, D)
 
@@ -462,6 +526,98 @@ def test_gpu_engine_cuda_graphs_on_the_kernels():
     assert padded == graphed  # a replayed graph runs the same kernels on the same shapes
 
 
+
+# ------------------------------------------------------------ paged_decode_attention (GPU)
+
+def paged_cases(n=48, seed=0):
+    """Mixed lengths (0, 1, page and 128-token boundaries, up to ~1500), GQA 1 / 4 / 8, D 64 / 128,
+    fp16 / bf16, int32 / int64 tables, forced and rule-chosen splits."""
+    rng = random.Random(seed)
+    layouts = [(8, 8, 128), (16, 4, 128), (8, 1, 64), (32, 8, 128), (4, 4, 64), (12, 3, 64), (32, 4, 128)]
+    for i in range(n):
+        hq, hkv, d = layouts[i % len(layouts)]
+        ps = rng.choice([1, 7, 16, 32])
+        b = rng.choice([1, 2, 3, 5, 9])
+        special = [0, 1, ps - 1, ps, ps + 1, 31, 32, 33, 127, 128, 129, 1000, 1500]
+        lens = [rng.choice(special) if rng.random() < 0.6 else rng.randint(1, 1500) for _ in range(b)]
+        dtype = (torch.float16, torch.bfloat16)[(i // len(layouts)) % 2]
+        yield (b, hq, hkv, d, ps, lens, dtype, rng.choice([0, 0, 1, 2, 5]), (torch.int32, torch.int64)[i % 2],
+               rng.choice([0.5, 2.0, 6.0]))
+
+
+def run_paged_case(b, hq, hkv, d, ps, lens, dtype, splits, index_dtype, q_scale, seed):
+    """(kernel output, reference output, max |v| of the pages)."""
+    tables, pages = block_tables_for(lens, ps, seed, extra_width=seed % 3, index_dtype=index_dtype)
+    kp, vp = (float_pool(pages, ps, hkv, d, dtype, seed + s, GPU) for s in (1, 2))
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, hq, d, generator=g) * q_scale).to(dtype).to(GPU)
+    tables, ctx = tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+    got = A.paged_decode_attention(q, kp, vp, tables, ctx, splits=splits)
+    want = A.paged_decode_reference(q, kp, vp, tables, ctx)
+    return got, want, float(vp.float().abs().max())
+
+
+def paged_case_ok(got, want, vmax, dtype) -> tuple[bool, float]:
+    err = float((got.float() - want.float()).abs().max())
+    return bool(torch.isfinite(got).all()) and err <= DECODE_TOL[dtype] * vmax, err
+
+
+@pytest.mark.gpu
+@needs_paged_gpu
+def test_gpu_paged_decode_matches_reference():
+    bad = []
+    for i, case in enumerate(paged_cases()):
+        got, want, vmax = run_paged_case(*case, seed=500 + i)
+        ok, err = paged_case_ok(got, want, vmax, case[6])
+        if not ok:
+            bad.append(f"case {i} {case[:5]} lens={case[5][:8]} {case[6]} splits={case[7]}: err {err:.3g}")
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+@needs_paged_gpu
+def test_gpu_paged_decode_zero_length_rows_are_zero():
+    got, _, _ = run_paged_case(3, 8, 2, 128, 16, [0, 40, 0], torch.float16, 3, torch.int64, 1.0, seed=5)
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+@pytest.mark.gpu
+@needs_paged_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_paged_decode_in_a_cuda_graph(dtype):
+    """Captured once at full width, replayed for other context lengths: no host sync in the op."""
+    b, hq, hkv, d, ps = 4, 32, 8, 128, 16
+    lens = [1000, 17, 1, 640]
+    tables, pages = block_tables_for(lens, ps, 9)
+    kp, vp = (float_pool(pages, ps, hkv, d, dtype, s, "cuda") for s in (1, 2))
+    q = torch.randn(b, hq, d, device="cuda").to(dtype)
+    tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
+    for _ in range(2):  # warm-up off the capture
+        A.paged_decode_attention(q, kp, vp, tables, ctx)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = A.paged_decode_attention(q, kp, vp, tables, ctx)
+    vmax = float(vp.float().abs().max())
+    for new in ([999, 16, 0, 641], [5, 900, 33, 1]):
+        ctx.copy_(torch.tensor(new))
+        graph.replay()
+        want = A.paged_decode_reference(q, kp, vp, tables, ctx)
+        assert (out.float() - want.float()).abs().max() <= DECODE_TOL[dtype] * vmax
+
+
+@pytest.mark.gpu
+@needs_paged_gpu
+def test_gpu_paged_kernel_limits_and_opcheck():
+    kp = float_pool(3, 4, 2, 96, torch.float16, 1, "cuda")
+    q, tables, ctx = torch.randn(1, 2, 96, device="cuda").half(), torch.tensor([[1]], device="cuda"), torch.tensor([2], device="cuda")
+    with pytest.raises(FormatError, match="head_dim 96"):
+        A.paged_decode_attention(q, kp, kp, tables, ctx)
+    kp, vp = (float_pool(3, 4, 2, 64, torch.bfloat16, s, "cuda") for s in (1, 2))
+    q, ctx = torch.randn(2, 4, 64, device="cuda").bfloat16(), torch.tensor([5, 0], device="cuda")
+    tables = torch.tensor([[2, 1], [0, 0]], device="cuda")
+    torch.library.opcheck(torch.ops.atom.paged_decode_attention.default, (q, kp, vp, tables, ctx, 0))
+
 # ------------------------------------------------------------------------- sanitizer
 
 def sanitize_main() -> int:
@@ -494,6 +650,16 @@ def sanitize_main() -> int:
             bad += not ok
             print(f"sanitize kv4_decode_attention [{kernel}] {case[:7]}: {'ok' if ok else 'BAD'}")
     os.environ.pop(A.DECODE_KERNEL_ENV, None)
+    paged = [(3, 8, 8, 128, 16, [0, 1, 300], torch.float16, 0, torch.int64, 2.0),
+             (2, 8, 1, 64, 7, [17, 1500], torch.bfloat16, 2, torch.int32, 1.0),
+             (2, 16, 4, 128, 32, [129, 0], torch.float16, 1, torch.int64, 0.5),
+             (5, 12, 3, 64, 16, [15, 16, 17, 0, 700], torch.bfloat16, 5, torch.int32, 6.0)]
+    for i, case in enumerate(paged):
+        got, want, vmax = run_paged_case(*case, seed=600 + i)
+        torch.cuda.synchronize()
+        ok, _ = paged_case_ok(got, want, vmax, case[6])
+        bad += not ok
+        print(f"sanitize paged_decode_attention {case[:6]}: {'ok' if ok else 'BAD'}")
     print("sanitize done", "FAIL" if bad else "ok")
     return 1 if bad else 0
 
