@@ -6,7 +6,9 @@ block-table width, with no host syncs, so it also runs inside a captured CUDA gr
   row) is the KV4 decode-attention kernel; prefill (T > 1) is the KV4 gather kernel (pages ->
   contiguous fp16/bf16 K and V) followed by torch's scaled_dot_product_attention, i.e. prefill
   compute is SDPA over the dequantized prefix plus the new tokens.
-- otherwise (float pages, the CPU, other shapes): the pages read back in torch and SDPA.
+- float pages on a GPU whose shape the kernel takes: decode is atom_ops' paged decode-attention
+  kernel (same design as the KV4 one, fp16/bf16 rows), prefill reads the pages back for SDPA.
+- otherwise (the CPU, other shapes): the pages read back in torch and SDPA.
 New k, v are stored before attending (RoPE applied to k on the way in, fused into the KV4 store
 kernel on a GPU).
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atom_ops.attention import kernel_limits, kv4_decode_attention, kv4_gather
+from atom_ops.attention import kernel_limits, kv4_decode_attention, kv4_gather, paged_decode_attention
 
 from .kv_cache import pages_for
 
@@ -86,6 +88,10 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
     chunk with no cached prefix (T == context) needs no mask.
     """
     B, Hq, T, D = q.shape
+    if (pages.kind == "float" and pages.fused and T == 1 and q.dtype == pages.dtype
+            and kernel_limits(D, D, q.dtype, Hq, pages.kv_heads) is None):
+        return paged_decode_attention(q[:, :, 0], pages.k[layer], pages.v[layer], block_tables,
+                                      context_lens)[:, :, None]
     if pages.kind == "kv4" and pages.fused and kernel_limits(D, pages.group, q.dtype, Hq, pages.kv_heads) is None:
         k_pool, v_pool = pages.layer_pools(layer)
         if T == 1:

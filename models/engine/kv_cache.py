@@ -5,7 +5,8 @@ order) addresses all layers at once. Token p of a sequence lives in page table[p
 at offset p % page_size; its "slot" is page * page_size + offset.
 
 Two page formats:
-- FloatPages: k and v as they are, in the model's dtype (fp16 on a GPU, fp32 on the CPU).
+- FloatPages: k and v as they are, in the model's dtype (fp16 on a GPU, fp32 on the CPU); on a GPU
+  decode steps read them with atom_ops' paged decode-attention kernel (`fused`).
 - KV4Pages: asymmetric INT4 per token per head with an fp16 scale and zero per group along
   head_dim, exactly `atom_ops.formats.quantize_kv` / `dequantize_kv` (the pipeline's
   KV4Quantizer), so a paged atom model sees the same K/V values as the evaluated one. On a GPU
@@ -76,7 +77,10 @@ class FloatPages:
         shape = (layers, num_pages, page_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.page_size, self.dtype = page_size, dtype
+        self.page_size, self.dtype, self.kv_heads = page_size, dtype, kv_heads
+        # decode steps through atom_ops' paged decode kernel when it takes this shape, else torch
+        self.fused = (torch.device(device).type == "cuda" and attention_ops.paged_kernel_available()
+                      and attention_ops.kernel_limits(head_dim, head_dim, dtype) is None)
 
     @staticmethod
     def bytes_per_page(layers: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
