@@ -13,6 +13,8 @@ heads, 32 kv heads, head_dim 128) and Llama-3-8B (32 / 8). Implementations, same
   query heads of a kv head become R query rows, valid for decode because every key is visible), which
   reads K and V once; "enable_gqa" is SDPA's own GQA flag. Expanded K/V (repeat_interleave) reads R times
   the bytes and is not timed.
+- "atom_paged_fp16": atom_ops.paged_decode_attention over fp16 pages of the same values and block tables
+  (what the engine's fp16 / fp8 modes decode with; `kv4_vs_paged16` = its time / the KV4 kernel's).
 Timing: bench.common.time_cuda (CUDA events, warm-up, L2 flushed before every call, median of --iters),
 CUDA-graph replays unless --no-graph (decode runs inside graphs in serving). Reported per case: time,
 speedup (sdpa / kv4), achieved GB/s of K+V bytes each reads (KV4: packed nibbles + fp16 scale and zero of
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from atom_ops import attention as attention_ops
+from atom_ops import formats
 from bench.common import RESULTS, L2Flusher, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
 
 LAYOUTS = {"llama-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}  # (q heads, kv heads, head_dim)
@@ -53,8 +56,8 @@ def fp16_bytes(batch: int, context: int, kv_heads: int, head_dim: int) -> int:
 
 
 def needed_bytes(batch: int, context: int, kv_heads: int, head_dim: int) -> int:
-    """Both caches plus the dequantized check, with a little room for outputs and workspace."""
-    return kv4_bytes(batch, context, kv_heads, head_dim) + fp16_bytes(batch, context, kv_heads, head_dim) + (256 << 20)
+    """The KV4 cache, the contiguous fp16 cache and the fp16 pages, with a little room for outputs and workspace."""
+    return kv4_bytes(batch, context, kv_heads, head_dim) + 2 * fp16_bytes(batch, context, kv_heads, head_dim) + (256 << 20)
 
 
 def make_case(layout: str, batch: int, context: int, device, dtype=torch.float16, seed: int = 0):
@@ -118,6 +121,13 @@ def bench_case(layout: str, batch: int, context: int, iters: int, flush, graph: 
                                   graph=graph)["median_us"]
     variant = min(sdpa, key=sdpa.get)
     t_sdpa = sdpa[variant]
+    # the paged fp16 decode kernel (the engine's fp16 / fp8 modes) over fp16 pages of the same values
+    t_paged = None
+    if attention_ops.paged_kernel_available():
+        kf, vf = (formats.dequantize_kv(*pool, GROUP).to(q.dtype) for pool in (kp, vp))
+        paged = lambda: attention_ops.paged_decode_attention(q, kf, vf, tables, lens)  # noqa: E731
+        diff = max(diff, float((paged().float() - out.float()).abs().max()))
+        t_paged = time_cuda(paged, iters, flush=flush, graph=graph)["median_us"]
     b4, b16 = kv4_bytes(batch, context, hkv, d), fp16_bytes(batch, context, hkv, d)
     case = {"layout": layout, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "batch": batch, "context": context,
             "group": GROUP, "page_size": PAGE_SIZE}
@@ -128,15 +138,21 @@ def bench_case(layout: str, batch: int, context: int, iters: int, flush, graph: 
             {"case": case, "impl": "torch_sdpa_fp16", "sdpa_variant": variant, "median_us": round(t_sdpa, 2),
              "variants_us": {k: round(v, 2) for k, v in sdpa.items()}, "bytes": b16, "GBps": round(gb16, 1),
              "frac_copy": round(gb16 / copy_gbps, 3)}]
+    if t_paged is not None:
+        rows.append({"case": case, "impl": "atom_paged_fp16", "median_us": round(t_paged, 2), "bytes": b16,
+                     "GBps": round(b16 / t_paged / 1e3, 1), "frac_copy": round(b16 / t_paged / 1e3 / copy_gbps, 3),
+                     "kv4_speedup_vs_paged": round(t_paged / t_kv4, 3)})
     return rows
 
 
-def table_row(kv4: dict, sdpa: dict) -> dict:
+def table_row(kv4: dict, sdpa: dict, paged: dict | None = None) -> dict:
     c = kv4["case"]
     return {"layout": c["layout"], "B": c["batch"], "L": c["context"], "kv4_us": kv4["median_us"],
             "sdpa_us": sdpa["median_us"], "sdpa_form": sdpa["sdpa_variant"], "speedup": kv4["speedup_vs_sdpa"],
             "kv4_GBps": kv4["GBps"], "kv4_frac_copy": kv4["frac_copy"], "sdpa_GBps": sdpa["GBps"],
-            "sdpa_frac_copy": sdpa["frac_copy"], "max_diff": kv4["max_abs_diff_vs_sdpa"]}
+            "sdpa_frac_copy": sdpa["frac_copy"], "max_diff": kv4["max_abs_diff_vs_sdpa"],
+            "paged16_us": paged["median_us"] if paged else "-", "paged16_GBps": paged["GBps"] if paged else "-",
+            "kv4_vs_paged16": paged["kv4_speedup_vs_paged"] if paged else "-"}
 
 
 def plot(table: list[dict], path: Path):
@@ -183,16 +199,16 @@ def main(argv=None) -> int:
                                     "why": f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"})
                     print(f"skip {layout} B={batch} L={context}: {skipped[-1]['why']}", flush=True)
                     continue
-                kv4, sdpa = bench_case(layout, batch, context, args.iters, flush, graph, copy_gbps)
+                case_rows = bench_case(layout, batch, context, args.iters, flush, graph, copy_gbps)
                 torch.cuda.empty_cache()
-                rows += [kv4, sdpa]
-                table.append(table_row(kv4, sdpa))
+                rows += case_rows
+                table.append(table_row(*case_rows))
                 t = table[-1]
                 print(f"{layout} B={batch} L={context}: kv4 {t['kv4_us']} us ({t['kv4_GBps']} GB/s, "
                       f"{t['kv4_frac_copy']:.2f} of copy), sdpa[{t['sdpa_form']}] {t['sdpa_us']} us: "
                       f"{t['speedup']:.2f}x", flush=True)
     cols = ["layout", "B", "L", "kv4_us", "sdpa_us", "sdpa_form", "speedup", "kv4_GBps", "kv4_frac_copy", "sdpa_GBps",
-            "sdpa_frac_copy", "max_diff"]
+            "sdpa_frac_copy", "max_diff", "paged16_us", "paged16_GBps", "kv4_vs_paged16"]
     names = [f"{s['layout']} B={s['batch']} L={s['context']}" for s in skipped]
     footer = f"copy bandwidth {copy_gbps:.0f} GB/s (read + write); skipped: {', '.join(names) or 'none'}"
     write_results(args.out, f"attention_{tag}", "attention", rows, table, cols, command_line("bench.attention"),
