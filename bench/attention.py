@@ -56,8 +56,9 @@ def fp16_bytes(batch: int, context: int, kv_heads: int, head_dim: int) -> int:
 
 
 def needed_bytes(batch: int, context: int, kv_heads: int, head_dim: int) -> int:
-    """The KV4 cache, the contiguous fp16 cache and the fp16 pages, with a little room for outputs and workspace."""
-    return kv4_bytes(batch, context, kv_heads, head_dim) + 2 * fp16_bytes(batch, context, kv_heads, head_dim) + (256 << 20)
+    """The KV4 cache and one fp16 copy (the contiguous cache, later the fp16 pages), with a little room for
+    outputs and workspace."""
+    return kv4_bytes(batch, context, kv_heads, head_dim) + fp16_bytes(batch, context, kv_heads, head_dim) + (256 << 20)
 
 
 def make_case(layout: str, batch: int, context: int, device, dtype=torch.float16, seed: int = 0):
@@ -80,6 +81,17 @@ def make_case(layout: str, batch: int, context: int, device, dtype=torch.float16
     q = torch.randn(batch, hq, d, generator=g, device=device).to(dtype)
     k16, v16 = attention_ops.kv4_gather(pools[0], pools[1], tables, dtype)
     return q, pools, tables, lens, k16[:, :, :context], v16[:, :, :context]
+
+
+def fp16_pages(pool, dtype, chunk: int = 1024) -> torch.Tensor:
+    """KV4 pool -> float pages [pages, page_size, kv_heads, head_dim] of the same values, a chunk of
+    pages at a time (the float32 intermediate of a whole large pool would not fit)."""
+    packed, scale, zero = pool
+    out = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype, device=packed.device)
+    for i in range(0, packed.shape[0], chunk):
+        out[i:i + chunk] = formats.dequantize_kv(packed[i:i + chunk], scale[i:i + chunk], zero[i:i + chunk],
+                                                 GROUP).to(dtype)
+    return out
 
 
 def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str) -> torch.Tensor:
@@ -124,7 +136,9 @@ def bench_case(layout: str, batch: int, context: int, iters: int, flush, graph: 
     # the paged fp16 decode kernel (the engine's fp16 / fp8 modes) over fp16 pages of the same values
     t_paged = None
     if attention_ops.paged_kernel_available():
-        kf, vf = (formats.dequantize_kv(*pool, GROUP).to(q.dtype) for pool in (kp, vp))
+        del k16, v16  # room for the fp16 pages (the largest cases fill the GPU)
+        torch.cuda.empty_cache()
+        kf, vf = (fp16_pages(pool, q.dtype) for pool in (kp, vp))
         paged = lambda: attention_ops.paged_decode_attention(q, kf, vf, tables, lens)  # noqa: E731
         diff = max(diff, float((paged().float() - out.float()).abs().max()))
         t_paged = time_cuda(paged, iters, flush=flush, graph=graph)["median_us"]
