@@ -8,7 +8,8 @@ prologue (what produces the GEMM input, computed in x's dtype exactly as models/
     "rmsnorm"   norm_weight * half(x * rsqrt(mean(x^2) + eps))   (before qkv and gate/up)
     "silu_mul"  silu(x[:, :K]) * x[:, K:]              (the gate_up output before down_proj)
 then the channel permutation (outliers last) and Atom's quantization (atom_ops/formats.py).
-On a GPU with the extension one CUDA kernel does all of it (quant_ops.cu, one CTA per token);
+On a GPU with the extension one CUDA kernel does all of it (quant_ops.cu, one CTA per token, or
+several per token for small M);
 elsewhere the reference runs. The "none" and "silu_mul" kernels equal the reference bit for bit;
 "rmsnorm" sums x^2 in another order than torch, so rstd can differ in the last float bit and a
 value on a rounding boundary can move by one quantization step (tests bound how often).
