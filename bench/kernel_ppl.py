@@ -9,16 +9,60 @@ kernel quantization + reference GEMM; all references. Then kernels vs references
 windows. The README's "GPU kernel path's perplexity" numbers come from it (H200).
 """
 
+import contextlib
 import copy
 
 import torch
 
-from atom_ops import kernels, quant_ops
+from atom_ops import formats, kernels, quant_ops
 from models.data import split_text, wikitext_ids
 from models.eval import perplexity
 from models.loading import load_model
 from models.quantize import quantize_model
 from models.recipe import ATOM
+
+
+# Every AtomLinear runs atom_ops.quantized_linear, whose GPU path is kernels.quantized_linear
+# (quantization kernel, then GEMM kernel). Each op path replaces that bridge (same arguments).
+def _rmsnorm_in_torch(kernel_path):
+    def run(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual):
+        if prologue == "rmsnorm":  # the reference's RMSNorm order, then the kernels with no prologue
+            x, prologue = quant_ops.rmsnorm_reference(x, norm_weight, eps), "none"
+        return kernel_path(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual)
+    return run
+
+
+def _reference_quantization(kernel_path):
+    def run(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual):
+        a = formats.quantize_activation(quant_ops.prologue_reference(x, prologue, norm_weight, eps), w.spec, perm, clip)
+        return kernels.w4a4_gemm(a, w, out_dtype, residual)
+    return run
+
+
+def _reference_gemm(kernel_path):
+    def run(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual):
+        a, _ = kernels.quantize_rows(x, w.spec, perm, clip, prologue, norm_weight, eps)
+        return formats.w4a4_matmul_reference(a, w, out_dtype, residual)
+    return run
+
+
+OP_PATHS = {"kernels": None, "kernels, rmsnorm in torch": _rmsnorm_in_torch,
+            "reference quantization, kernel GEMM": _reference_quantization,
+            "kernel quantization, reference GEMM": _reference_gemm, "reference": None}
+
+
+@contextlib.contextmanager
+def op_path(name: str):
+    """Run the model's quantized linears through one of OP_PATHS ("reference": every op's reference)."""
+    kernel_path, extension = kernels.quantized_linear, kernels.extension
+    try:
+        if name == "reference":
+            kernels.extension = lambda: None
+        elif OP_PATHS[name] is not None:
+            kernels.quantized_linear = OP_PATHS[name](kernel_path)
+        yield
+    finally:
+        kernels.quantized_linear, kernels.extension = kernel_path, extension
 
 
 def main() -> int:
@@ -28,36 +72,16 @@ def main() -> int:
     quantize_model(q, split.calib_windows[:2, :1024], ATOM, progress=False)
     q = q.half()
     q.model.rotary_emb.reset_buffers("cuda")
-    win = split.eval_windows[:2]
-    orig_ext, orig_rows, orig_gemm = kernels.extension, kernels.quantize_rows, kernels.w4a4_gemm
-    res = {}
     with torch.no_grad():
-        res["kernels"] = perplexity(q, win, progress=False)
-        # RMSNorm in torch (the reference's order), then the fused kernel with no prologue
-        def rows_torch_norm(x, spec, perm, clip, prologue="none", norm_weight=None, eps=1e-5):
-            if prologue == "rmsnorm":
-                x, prologue = quant_ops.rmsnorm_reference(x, norm_weight, eps), "none"
-            return orig_rows(x, spec, perm, clip, prologue, norm_weight, eps)
-        kernels.quantize_rows = rows_torch_norm
-        res["kernels, rmsnorm in torch"] = perplexity(q, win, progress=False)
-        kernels.quantize_rows = lambda *a, **k: None  # every quantization by the reference, GEMM by kernels
-        res["reference quantization, kernel GEMM"] = perplexity(q, win, progress=False)
-        kernels.quantize_rows = orig_rows
-        kernels.w4a4_gemm = lambda *a, **k: None      # kernel quantization, reference GEMM
-        res["kernel quantization, reference GEMM"] = perplexity(q, win, progress=False)
-        kernels.extension = lambda: None
-        res["reference"] = perplexity(q, win, progress=False)
-    for k, v in res.items():
-        print(f"ppl {k}: {v:.4f}")
-    # More text: float-order differences are noise that averages out over tokens.
-    with torch.no_grad():
-        kernels.extension, kernels.quantize_rows, kernels.w4a4_gemm = orig_ext, orig_rows, orig_gemm
+        for name in OP_PATHS:
+            with op_path(name):
+                print(f"ppl {name}: {perplexity(q, split.eval_windows[:2], progress=False):.4f}")
+        # More text: float-order differences are noise that averages out over tokens.
         for n in (8, 32):
             w = split.eval_windows[:n]
             fast = perplexity(q, w, progress=False)
-            kernels.extension = lambda: None
-            ref = perplexity(q, w, progress=False)
-            kernels.extension = orig_ext
+            with op_path("reference"):
+                ref = perplexity(q, w, progress=False)
             print(f"ppl {n} windows: kernels {fast:.4f}, reference {ref:.4f}")
     return 0
 

@@ -91,7 +91,7 @@ def test_cli_reports_missing_data_cleanly(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split, monkeypatch):
+def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split):
     """Issue 8's check, as far as float arithmetic allows. The shipped model quantized with the Atom
     recipe, same fp16 model on the same GPU: (1) with the fused quantization kernel and the
     reference GEMM, perplexity equals the all-reference path's exactly (the quantization kernel is
@@ -101,6 +101,7 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split, m
     differences through the next layer's 4-bit rounding: measured on an H200, 34.92 vs 34.84
     (2 windows), 48.28 vs 47.66 (8), 38.76 vs 38.95 (32), in both directions."""
     from atom_ops import kernels
+    from bench.kernel_ppl import op_path
     from models.eval import perplexity
     from models.quantize import quantize_model
     from models.recipe import ATOM
@@ -115,12 +116,10 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split, m
     windows = wikitext_split.eval_windows[:2]
     with torch.no_grad():
         fast = perplexity(q, windows, progress=False)
-        gemm = kernels.w4a4_gemm
-        monkeypatch.setattr(kernels, "w4a4_gemm", lambda *a, **k: None)  # reference GEMM, kernel quantization
-        quant_only = perplexity(q, windows, progress=False)
-        monkeypatch.setattr(kernels, "w4a4_gemm", gemm)
-        monkeypatch.setattr(kernels, "extension", lambda: None)  # every op falls back to its reference
-        ref = perplexity(q, windows, progress=False)
+        with op_path("kernel quantization, reference GEMM"):
+            quant_only = perplexity(q, windows, progress=False)
+        with op_path("reference"):  # every op falls back to its reference
+            ref = perplexity(q, windows, progress=False)
     print(f"perplexity: kernels {fast:.4f}, kernel quantization only {quant_only:.4f}, reference {ref:.4f}")
     assert quant_only == ref, (quant_only, ref)
     assert abs(fast / ref - 1) < 0.02, (fast, ref)
