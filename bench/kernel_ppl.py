@@ -4,9 +4,9 @@
 
 Quantizes the shipped SmolLM2 with the Atom recipe (2 calibration windows of 1024 tokens, as
 tests/test_real_model.py does) and prints its WikiText-2 perplexity on 2 windows through: all
-kernels; RMSNorm in torch then the fused quantization kernel; reference quantization + kernel GEMM;
-kernel quantization + reference GEMM; all references. Then kernels vs references on 8 and 32
-windows. The README's "GPU kernel path's perplexity" numbers come from it (H200).
+kernels; reference quantization + kernel GEMM; kernel quantization + reference GEMM; all references.
+Then kernels vs references on 8 and 32 windows. The README's "GPU kernel path's perplexity" numbers
+come from it (bench/results/kernel_ppl_h100.log; an H200 printed the same digits).
 """
 
 import contextlib
@@ -24,14 +24,8 @@ from models.recipe import ATOM
 
 # Every AtomLinear runs atom_ops.quantized_linear, whose GPU path is kernels.quantized_linear
 # (quantization kernel, then GEMM kernel). Each op path replaces that bridge (same arguments).
-def _rmsnorm_in_torch(kernel_path):
-    def run(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual):
-        if prologue == "rmsnorm":  # the reference's RMSNorm order, then the kernels with no prologue
-            x, prologue = quant_ops.rmsnorm_reference(x, norm_weight, eps), "none"
-        return kernel_path(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual)
-    return run
-
-
+# (The plain model quantizes after torch's RMSNorm; the RMSNorm prologue runs only in the engine's
+# fused layers, models/engine/fused_layers.py.)
 def _reference_quantization(kernel_path):
     def run(x, w, perm, clip, prologue, norm_weight, eps, out_dtype, residual):
         a = formats.quantize_activation(quant_ops.prologue_reference(x, prologue, norm_weight, eps), w.spec, perm, clip)
@@ -46,8 +40,7 @@ def _reference_gemm(kernel_path):
     return run
 
 
-OP_PATHS = {"kernels": None, "kernels, rmsnorm in torch": _rmsnorm_in_torch,
-            "reference quantization, kernel GEMM": _reference_quantization,
+OP_PATHS = {"kernels": None, "reference quantization, kernel GEMM": _reference_quantization,
             "kernel quantization, reference GEMM": _reference_gemm, "reference": None}
 
 

@@ -1,8 +1,8 @@
 """Drop-in replacements for nn.Linear that run quantized arithmetic, and the KV4 quantizer.
 
 AtomLinear is the real thing: packed INT4 weights + INT8 outliers, activations quantized per
-token on the fly, the product through ``atom_ops.w4a4_gemm`` (kernel on GPU, reference
-otherwise). FakeQuantLinear only simulates other schemes (W8A8, W4A16) for reference rows
+token on the fly and multiplied in one ``atom_ops.quantized_linear`` call (quantization kernel +
+W4A4 GEMM kernel on a GPU, their references otherwise). FakeQuantLinear only simulates other schemes (W8A8, W4A16) for reference rows
 of the ablation; it cannot be saved.
 """
 

@@ -13,8 +13,9 @@ q/k/v and gate/up one shared channel permutation, spec and clip (models/quantize
 Same arithmetic as the layer it replaces except for float rounding: the kernels' RMSNorm sums x^2
 in another order, and a residual is added to the float accumulator before the output rounding
 instead of after it. Only for fp16/bf16 models (the residual stream must be the GEMM's output
-dtype); the concatenated weights are copies (4-bit, ~1/4 of the fp16 weights), the model is not
-modified.
+dtype). The concatenated weights are copies and the model is not modified: the q/k/v and gate/up
+4-bit weights are held twice (about 0.7x the packed weight bytes more; only the copies are ever
+staged for the sm90a kernels), on top of the engine's KV budget.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ class FusedAtomModel(nn.Module):
         self.inner = model.model
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, kv_cache=None) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, kv_cache=None) -> Tensor:
         m = self.inner
         x = m.embed_tokens(input_ids)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = m.rotary_emb(positions.expand(input_ids.shape[0], -1), x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(i))
