@@ -160,23 +160,24 @@ def kernel_limits(head_dim: int, group: int, dtype: torch.dtype, q_heads: int | 
 
 
 @functools.cache
-def kernels_available() -> bool:
-    """The compiled extension is there and has the KV4 entry points."""
+def _extension_has(entry_point: str) -> bool:
     from .kernels import extension  # late: the extension loads on first use
     ext = extension()
-    return ext is not None and hasattr(ext, "kv4_decode_attention")
+    return ext is not None and hasattr(ext, entry_point)
+
+
+def kernels_available() -> bool:
+    """The compiled extension is there and has the KV4 entry points."""
+    return _extension_has("kv4_decode_attention")
 
 
 def _runs_kernel(t: Tensor) -> bool:
     return t.is_cuda and kernels_available()
 
 
-@functools.cache
 def paged_kernel_available() -> bool:
     """The compiled extension has paged_decode_attention (fp16 / bf16 pages)."""
-    from .kernels import extension
-    ext = extension()
-    return ext is not None and hasattr(ext, "paged_decode_attention")
+    return _extension_has("paged_decode_attention")
 
 
 def _runs_paged_kernel(t: Tensor) -> bool:
