@@ -377,19 +377,31 @@ def _launch_append(ext, k, v, slots, k_pool, v_pool, cos, sin, stream: int) -> N
                    *_ptrs(k_pool), *_ptrs(v_pool), stream)
 
 
+def _decode_operands(q, block_tables, context_lens, kv_heads: int, page_size: int, splits: int, sms: int):
+    """-> (out, operands) for both decode launchers: operands = (q, tables, lens, splits, workspace) in
+    the layouts the kernels read (q rows and table rows contiguous), the split count from the
+    shapes-only rule unless forced, and the split workspace; operands is None when there is nothing
+    to attend (out is then zeroed)."""
+    B, q_heads, head_dim = q.shape
+    out = torch.empty((B, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if B == 0 or block_tables.shape[1] == 0:
+        return out.zero_(), None
+    if not (q.stride(2) == 1 and q.stride(1) == head_dim):
+        q = q.contiguous()
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    splits = splits or decode_splits(B, kv_heads, block_tables.shape[1] * page_size, sms)
+    ws = torch.empty(B * q_heads * splits * (head_dim + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+    return out, (q, tables, context_lens.contiguous(), splits, ws)
+
+
 def _launch_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: int, sms: int, stream: int) -> Tensor:
     B, q_heads, head_dim = q.shape
     page_size, kv_heads = k_pool[0].shape[1], k_pool[0].shape[2]
     W = block_tables.shape[1]
-    out = torch.empty((B, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    if B == 0 or W == 0:
-        return out.zero_()
-    if not (q.stride(2) == 1 and q.stride(1) == head_dim):
-        q = q.contiguous()
-    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    lens = context_lens.contiguous()
-    splits = splits or decode_splits(B, kv_heads, W * page_size, sms)
-    ws = torch.empty(B * q_heads * splits * (head_dim + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+    out, operands = _decode_operands(q, block_tables, context_lens, kv_heads, page_size, splits, sms)
+    if operands is None:
+        return out
+    q, tables, lens, splits, ws = operands
     ext.kv4_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), _DTYPE_CODE[q.dtype], *_ptrs(k_pool),
                              *_ptrs(v_pool), tables.data_ptr(), tables.stride(0), int(tables.dtype == torch.int64),
                              lens.data_ptr(), int(lens.dtype == torch.int64), B, q_heads, kv_heads, head_dim,
@@ -404,15 +416,10 @@ def _launch_paged_decode(ext, q, k_pool, v_pool, block_tables, context_lens, spl
     B, q_heads, head_dim = q.shape
     pages, page_size, kv_heads, _ = k_pool.shape
     W = block_tables.shape[1]
-    out = torch.empty((B, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    if B == 0 or W == 0:
-        return out.zero_()
-    if not (q.stride(2) == 1 and q.stride(1) == head_dim):
-        q = q.contiguous()
-    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    lens = context_lens.contiguous()
-    splits = splits or decode_splits(B, kv_heads, W * page_size, sms)  # the KV4 rule: shapes only
-    ws = torch.empty(B * q_heads * splits * (head_dim + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+    out, operands = _decode_operands(q, block_tables, context_lens, kv_heads, page_size, splits, sms)
+    if operands is None:
+        return out
+    q, tables, lens, splits, ws = operands
     ext.paged_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), _DTYPE_CODE[q.dtype], k_pool.data_ptr(),
                                v_pool.data_ptr(), pages * page_size, tables.data_ptr(), tables.stride(0),
                                int(tables.dtype == torch.int64), lens.data_ptr(), int(lens.dtype == torch.int64),
