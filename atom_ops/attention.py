@@ -261,19 +261,25 @@ def check_append_args(k, v, slots, k_pool, v_pool, cos, sin) -> None:
 def check_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
     op = "kv4_decode_attention"
     page_size, kv_heads, head_dim, group = _pools(k_pool, v_pool, op)
-    if q.dim() != 3 or q.shape[2] != head_dim:
-        raise FormatError(f"{op}: q must be [B, q_heads, {head_dim}] (one token per row), got {tuple(q.shape)}")
     if not q.is_floating_point():
         raise FormatError(f"{op}: q must be floating point, got {q.dtype}")
-    if q.shape[1] % kv_heads or q.shape[1] == 0:
+    _check_decode_rows(op, q, block_tables, context_lens, head_dim, kv_heads)
+    _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool[0], v_pool=v_pool[0])
+    _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
+
+
+def _check_decode_rows(op: str, q: Tensor, block_tables: Tensor, context_lens: Tensor, head_dim: int,
+                       kv_heads: int) -> None:
+    """q [B, q_heads, head_dim] with q_heads a multiple of kv_heads, and index tensors of B rows."""
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise FormatError(f"{op}: q must be [B, q_heads, {head_dim}] (one token per row), got {tuple(q.shape)}")
+    if kv_heads == 0 or q.shape[1] % kv_heads or q.shape[1] == 0:
         raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
     _check_index(op, "block_tables", block_tables, 2)
     _check_index(op, "context_lens", context_lens, 1)
     if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
         raise FormatError(f"{op}: block_tables {tuple(block_tables.shape)} and context_lens "
                           f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
-    _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool[0], v_pool=v_pool[0])
-    _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
 
 
 def check_paged_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
@@ -288,18 +294,10 @@ def check_paged_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> No
         raise FormatError(f"{op}: k_pool {k_pool.dtype} {tuple(k_pool.shape)} and v_pool {v_pool.dtype} "
                           f"{tuple(v_pool.shape)} differ")
     _, page_size, kv_heads, head_dim = k_pool.shape
-    if q.dim() != 3 or q.shape[2] != head_dim:
-        raise FormatError(f"{op}: q must be [B, q_heads, {head_dim}] (one token per row), got {tuple(q.shape)}")
     if not q.is_floating_point() or q.dtype != k_pool.dtype:
         raise FormatError(f"{op}: q and the pools must share one floating dtype, got q {q.dtype}, "
                           f"pools {k_pool.dtype}")
-    if kv_heads == 0 or q.shape[1] % kv_heads or q.shape[1] == 0:
-        raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
-    _check_index(op, "block_tables", block_tables, 2)
-    _check_index(op, "context_lens", context_lens, 1)
-    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
-        raise FormatError(f"{op}: block_tables {tuple(block_tables.shape)} and context_lens "
-                          f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
+    _check_decode_rows(op, q, block_tables, context_lens, head_dim, kv_heads)
     _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool, v_pool=v_pool)
     if _runs_paged_kernel(q):
         why = kernel_limits(head_dim, head_dim, q.dtype, q.shape[1], kv_heads)  # group: any valid one
