@@ -175,14 +175,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, kv_cache=None) -> Tensor:
-        """`kv_cache`: None, or a paged-cache batch with `layer(i)` -> that layer's view."""
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, kv_cache=None, layers=None) -> Tensor:
+        """`kv_cache`: None, or a paged-cache batch with `layer(i)` -> that layer's view. `layers`: other
+        modules to run in place of self.layers, same call signature (the engine's fused Atom layers)."""
         x = self.embed_tokens(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         positions = positions.expand(input_ids.shape[0], -1)
         cos, sin = self.rotary_emb(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if layers is None else layers):
             x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(i))
         return self.norm(x)
 

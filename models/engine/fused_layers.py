@@ -27,14 +27,20 @@ from ..llama import apply_rope
 from ..quantized_linear import AtomLinear
 
 
-def concat_linears(lins: list[nn.Module]) -> AtomLinear | None:
-    """One AtomLinear computing all `lins` (rows stacked in order), or None when they differ in
-    what the shared quantization needs (spec, permutation, clip) or carry a bias."""
+def _bias_free_atom(m: nn.Module) -> bool:
+    return isinstance(m, AtomLinear) and m.bias is None
+
+
+def _share_quantization(lins: list[nn.Module]) -> bool:
+    """Bias-free AtomLinears with one spec, permutation and clip: one quantization serves them all."""
     first = lins[0]
-    if not all(isinstance(m, AtomLinear) and m.bias is None for m in lins):
-        return None
-    if any(m.spec != first.spec or m.act_clip != first.act_clip or not torch.equal(m.perm, first.perm) for m in lins):
-        return None
+    return all(_bias_free_atom(m) and m.spec == first.spec and m.act_clip == first.act_clip
+               and torch.equal(m.perm, first.perm) for m in lins)
+
+
+def concat_linears(lins: list[AtomLinear]) -> AtomLinear:
+    """One AtomLinear computing all `lins` (rows stacked in order; _share_quantization(lins) holds)."""
+    first = lins[0]
     out = AtomLinear(first.in_features, sum(m.out_features for m in lins), first.spec, first.act_clip)
     out.weight_packed = torch.cat([m.weight_packed for m in lins])
     out.weight_outlier = torch.cat([m.weight_outlier for m in lins])
@@ -83,27 +89,18 @@ class FusedAtomModel(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, kv_cache=None) -> Tensor:
-        m = self.inner
-        x = m.embed_tokens(input_ids)
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = m.rotary_emb(positions.expand(input_ids.shape[0], -1), x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(i))
-        return m.norm(x)
+        return self.inner(input_ids, positions, kv_cache, layers=self.layers)
 
 
 def fuse_atom_layers(model) -> FusedAtomModel | None:
     """The serving body of an Atom model in fp16/bf16 whose every layer can be regrouped, else None."""
     if model.model.embed_tokens.weight.dtype not in (torch.float16, torch.bfloat16):
         return None
-    fused = []
-    for layer in model.model.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        qkv = concat_linears([a.q_proj, a.k_proj, a.v_proj])
-        gate_up = concat_linears([mlp.gate_proj, mlp.up_proj])
-        if qkv is None or gate_up is None or not all(isinstance(m, AtomLinear) and m.bias is None
-                                                     for m in (a.o_proj, mlp.down_proj)):
-            return None
-        fused.append(FusedAtomLayer(layer, qkv, gate_up))
-    return FusedAtomModel(model, fused)
+    layers = list(model.model.layers)
+    groups = [([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+               [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
+    if not all(_share_quantization(qkv) and _share_quantization(gate_up) and _bias_free_atom(layer.self_attn.o_proj)
+               and _bias_free_atom(layer.mlp.down_proj) for layer, (qkv, gate_up) in zip(layers, groups)):
+        return None  # checked for every layer before copying any weight
+    return FusedAtomModel(model, [FusedAtomLayer(layer, concat_linears(qkv), concat_linears(gate_up))
+                                  for layer, (qkv, gate_up) in zip(layers, groups)])
