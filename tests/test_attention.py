@@ -384,13 +384,21 @@ def decode_cases(n=60, seed=0):
                rng.choice([0.5, 2.0, 6.0]))
 
 
-def run_decode_case(b, hq, hkv, d, group, ps, lens, dtype, splits, index_dtype, q_scale, seed):
-    """(kernel output, reference output, max |v| of the pages read)."""
+def decode_case_inputs(b, hq, d, ps, lens, dtype, index_dtype, q_scale, seed, make_pool):
+    """What every decode case starts from, on GPU: q [b, hq, d], k and v pools from
+    make_pool(pages, seed), block tables over shuffled pages and the context lengths."""
     tables, pages = block_tables_for(lens, ps, seed, extra_width=seed % 3, index_dtype=index_dtype)
-    kp, vp = (random_pool(pages, ps, hkv, d, group, seed + s, GPU) for s in (1, 2))
+    kp, vp = (make_pool(pages, seed + s) for s in (1, 2))
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(b, hq, d, generator=g) * q_scale).to(dtype).to(GPU)
-    tables, ctx = tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+    return q, kp, vp, tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+
+
+def run_decode_case(b, hq, hkv, d, group, ps, lens, dtype, splits, index_dtype, q_scale, seed):
+    """(kernel output, reference output, max |v| of the pages read)."""
+    q, kp, vp, tables, ctx = decode_case_inputs(
+        b, hq, d, ps, lens, dtype, index_dtype, q_scale, seed,
+        lambda pages, s: random_pool(pages, ps, hkv, d, group, s, GPU))
     got = A.kv4_decode_attention(q, kp, vp, tables, ctx, splits=splits)
     want = A.kv4_decode_reference(q, kp, vp, tables, ctx)
     vmax = float(formats.dequantize_kv(*vp, group).abs().max())
@@ -435,18 +443,25 @@ def test_gpu_decode_in_a_cuda_graph():
     kp, vp = (random_pool(pages, ps, hkv, d, group, s, "cuda") for s in (1, 2))
     q = torch.randn(b, hq, d, device="cuda").half()
     tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
+    vmax = float(formats.dequantize_kv(*vp, group).abs().max())
+    check_decode_graph_replays(A.kv4_decode_attention, A.kv4_decode_reference, q, kp, vp, tables, ctx,
+                               DECODE_TOL[torch.float16] * vmax)
+
+
+def check_decode_graph_replays(op, reference, q, kp, vp, tables, ctx, tol: float) -> None:
+    """op captured once in a CUDA graph at ctx's lengths, replayed after ctx is overwritten with other
+    lengths: every replay is within tol of the reference (the op reads lengths on the device only)."""
     for _ in range(2):  # warm-up off the capture
-        A.kv4_decode_attention(q, kp, vp, tables, ctx)
+        op(q, kp, vp, tables, ctx)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = A.kv4_decode_attention(q, kp, vp, tables, ctx)
-    vmax = float(formats.dequantize_kv(*vp, group).abs().max())
+        out = op(q, kp, vp, tables, ctx)
     for new in ([999, 16, 0, 641], [5, 900, 33, 1]):
         ctx.copy_(torch.tensor(new))
         graph.replay()
-        want = A.kv4_decode_reference(q, kp, vp, tables, ctx)
-        assert (out.float() - want.float()).abs().max() <= DECODE_TOL[torch.float16] * vmax
+        want = reference(q, kp, vp, tables, ctx)
+        assert (out.float() - want.float()).abs().max() <= tol
 
 
 @pytest.mark.gpu
@@ -547,11 +562,9 @@ def paged_cases(n=48, seed=0):
 
 def run_paged_case(b, hq, hkv, d, ps, lens, dtype, splits, index_dtype, q_scale, seed):
     """(kernel output, reference output, max |v| of the pages)."""
-    tables, pages = block_tables_for(lens, ps, seed, extra_width=seed % 3, index_dtype=index_dtype)
-    kp, vp = (float_pool(pages, ps, hkv, d, dtype, seed + s, GPU) for s in (1, 2))
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(b, hq, d, generator=g) * q_scale).to(dtype).to(GPU)
-    tables, ctx = tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+    q, kp, vp, tables, ctx = decode_case_inputs(
+        b, hq, d, ps, lens, dtype, index_dtype, q_scale, seed,
+        lambda pages, s: float_pool(pages, ps, hkv, d, dtype, s, GPU))
     got = A.paged_decode_attention(q, kp, vp, tables, ctx, splits=splits)
     want = A.paged_decode_reference(q, kp, vp, tables, ctx)
     return got, want, float(vp.float().abs().max())
@@ -592,18 +605,8 @@ def test_gpu_paged_decode_in_a_cuda_graph(dtype):
     kp, vp = (float_pool(pages, ps, hkv, d, dtype, s, "cuda") for s in (1, 2))
     q = torch.randn(b, hq, d, device="cuda").to(dtype)
     tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
-    for _ in range(2):  # warm-up off the capture
-        A.paged_decode_attention(q, kp, vp, tables, ctx)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = A.paged_decode_attention(q, kp, vp, tables, ctx)
-    vmax = float(vp.float().abs().max())
-    for new in ([999, 16, 0, 641], [5, 900, 33, 1]):
-        ctx.copy_(torch.tensor(new))
-        graph.replay()
-        want = A.paged_decode_reference(q, kp, vp, tables, ctx)
-        assert (out.float() - want.float()).abs().max() <= DECODE_TOL[dtype] * vmax
+    check_decode_graph_replays(A.paged_decode_attention, A.paged_decode_reference, q, kp, vp, tables, ctx,
+                               DECODE_TOL[dtype] * float(vp.float().abs().max()))
 
 
 @pytest.mark.gpu
