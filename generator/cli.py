@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "repeatable. Kernels that run none of the shapes are culled, and a shape no "
                         "kernel runs is an error")
     p.add_argument("--level", type=int, default=0, metavar="N",
-                   help="manifest size: 0 = default (2 tiles x fp16/bf16 per arch, what CI compiles), "
+                   help="manifest size: 0 = default (4 mma tiles x fp16/bf16 per arch + the sm90a wgmma tiles, what CI compiles), "
                         "1 = more tiles, 2 = full cross product of the tile tables (default: 0)")
     p.add_argument("--tuning", type=Path, metavar="TABLE.json",
                    help="dispatch table from `python -m tuning` (schema in generator/dispatch.py); emits "

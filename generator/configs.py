@@ -7,7 +7,12 @@ name back (tuning tables store names), so ``from_name(cfg.name) == cfg`` for eve
 Families:
     mma    CUTLASS 2.x arch-level main loop (cp.async + ldmatrix + mma.sync INT4 m16n8k64 /
            INT8 m16n8k32), sm80 / sm86 / sm89, and built for sm90a as the portable fallback
-           (INT4 mma is emulated on Hopper: correct, slow).
+           (INT4 mma is emulated on Hopper: on sm_90+ it runs as two INT8 mmas).
+           Schedule "stream" (name suffix ``_stream``, templates/atom_w4a4_stream.cuh.j2) is the
+           decode kernel of the family: swap-AB, 4-bit weights streamed through a per-warp
+           cp.async ring into u8 x u8 mma fragments, the CTA's ``warps_k`` warps splitting K
+           (``_kw<n>``). There tile_m = tokens per CTA (= warp_m), warp_n = weight rows per warp
+           (16 or 32), tile_k = 128 (one 64-byte chunk per row), stages = chunks in flight per warp.
     wgmma  the Hopper (sm90a) family: CUTLASS 3.x blockwise-scaling FP8 wgmma mainloop over the
            staged "digit plane" operands of atom_ops/staging.py (exact small integers in e4m3,
            promoted to float after every 128-column group). Group 128 only; ``swap_ab`` puts
@@ -59,12 +64,16 @@ FAMILIES = ("mma", "wgmma")
 IMPLEMENTED_FAMILIES = ("mma", "wgmma")
 OUT_DTYPES = {"f16": "__half", "bf16": "__nv_bfloat16"}      # name part -> C++ type
 OUT_DTYPE_ENUM = {"f16": "atom::OutDtype::kF16", "bf16": "atom::OutDtype::kBF16"}
-SCHEDULES = {"mma": ("multistage",), "wgmma": ("cooperative", "pingpong")}
+SCHEDULES = {"mma": ("multistage", "stream"), "wgmma": ("cooperative", "pingpong")}
 # wgmma promotion of each 128-column block: "stock" = CUTLASS's blockwise mainloop (wait for the
 # k-tile's wgmmas, then promote); "overlap" = templates/atom_wgmma_overlap.cuh.j2 (two temporary
 # accumulators: k-tile k-1 is promoted while k-tile k's wgmmas run). Name suffix _ovl.
 PROMOTIONS = ("stock", "overlap")
 MAX_ACCUMULATOR_REGS = 128  # int32 + float accumulators per thread (mma family)
+# stream schedule: registers per thread for the chunks in flight, accumulators and corrections
+# (StreamTraits); beyond this ptxas spills or occupancy collapses.
+MAX_STREAM_REGS = 168
+STREAM_CHUNK_K = 128      # INT4 values per row per chunk (64 bytes)
 
 
 def arch_info(arch: str) -> ArchInfo:
@@ -94,6 +103,7 @@ class KernelConfig:
     schedule: str = "multistage"
     swap_ab: bool = False   # wgmma: GEMM A = weights, B = tokens (small M on wgmma's N)
     promotion: str = "stock"  # wgmma: "overlap" = promote k-tile k-1 while k-tile k's wgmmas run (_ovl)
+    warps_k: int = 1        # mma "stream": warps of a CTA splitting K (_kw<n>)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -102,6 +112,8 @@ class KernelConfig:
                  f"t{self.tile_m}x{self.tile_n}x{self.tile_k}",
                  f"w{self.warp_m}x{self.warp_n}",
                  f"s{self.stages}" if self.stages else "sauto"]
+        if self.warps_k != 1:
+            parts.append(f"kw{self.warps_k}")
         if self.cluster != (1, 1, 1):
             parts.append("c" + "x".join(map(str, self.cluster)))
         if self.schedule != SCHEDULES.get(self.family, ("",))[0]:
@@ -119,7 +131,7 @@ class KernelConfig:
 
     _NAME_RE = re.compile(
         r"^atom_w4a4_(?P<family>[a-z0-9]+)_(?P<arch>sm\d+a?)_t(?P<tm>\d+)x(?P<tn>\d+)x(?P<tk>\d+)"
-        r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+|auto)(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong))?"
+        r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+|auto)(?:_kw(?P<kw>\d+))?(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong|stream))?"
         r"(?P<swap>_swap)?(?P<ovl>_ovl)?(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
 
     @classmethod
@@ -136,7 +148,8 @@ class KernelConfig:
                    outliers=None if d["o"] == "any" else int(d["o"]),
                    cluster=tuple(int(x) for x in d["cl"].split("x")) if d["cl"] else (1, 1, 1),
                    schedule=d["sched"] or SCHEDULES.get(fam, ("multistage",))[0],
-                   swap_ab=bool(d["swap"]), promotion="overlap" if d["ovl"] else PROMOTIONS[0])
+                   swap_ab=bool(d["swap"]), promotion="overlap" if d["ovl"] else PROMOTIONS[0],
+                   warps_k=int(d["kw"]) if d["kw"] else 1)
 
     def replace(self, **kw) -> "KernelConfig":
         return replace(self, **kw)
@@ -146,7 +159,7 @@ class KernelConfig:
     def threads(self) -> int:
         if self.family == "wgmma":
             return 384  # one producer + two consumer warp groups (both schedules)
-        return (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n) * 32
+        return (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n) * self.warps_k * 32
 
     @property
     def smem_bytes(self) -> int:
@@ -155,6 +168,9 @@ class KernelConfig:
         if self.family == "wgmma":  # stages = 0: the builder fills shared memory (one stage here)
             per_stage = (self.tile_m + self.tile_n) * (self.tile_k + 4) + 32
             return max(self.stages, 1) * per_stage + WGMMA_EPILOGUE_SMEM
+        if self.schedule == "stream":  # reduction buffer + per-warp chunk rings (+ activation scales, by K)
+            slots = 2 * (self.warp_n // 16) + self.tile_m // 8
+            return self.warps_k * self.tile_m * (self.tile_n + 4) * 4 + self.threads * self.stages * slots * 16
         return self.stages * (self.tile_m + self.tile_n) * (self.tile_k // 2 + 16)
 
     @property
@@ -164,6 +180,13 @@ class KernelConfig:
         threads = 128 if self.family == "wgmma" else 32
         copies = 3 if self.promotion == "overlap" else 2
         return copies * self.warp_m * self.warp_n // threads
+
+    @property
+    def stream_regs(self) -> int:
+        """stream schedule: registers per thread for the weight scales in flight, the current
+        chunk, int32 + float accumulators and the sum(ua) / sum(uw) offsets."""
+        rt, nt = self.warp_n // 16, self.tile_m // 8
+        return 2 * rt * self.stages + 8 * rt + 4 * nt + 8 * rt * nt + 4 * nt + 4 * rt
 
     @property
     def cxx_out(self) -> str:
@@ -210,7 +233,11 @@ def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
     if self.cluster != (1, 1, 1):
         bad("the mma family has no thread-block clusters (cluster must be 1x1x1)")
     if self.swap_ab:
-        bad("the mma family has no swap-AB variant")
+        bad("the mma family has no swap-AB flag (its stream schedule is swap-AB by design)")
+    if self.schedule == "stream":
+        return _check_stream(self, info, bad)
+    if self.warps_k != 1:
+        bad("warps_k > 1 exists only in the stream schedule")
     for what, v in (("tile_m", self.tile_m), ("tile_n", self.tile_n), ("tile_k", self.tile_k),
                     ("warp_m", self.warp_m), ("warp_n", self.warp_n)):
         if v <= 0:
@@ -235,6 +262,34 @@ def _check_mma(self: KernelConfig, info: ArchInfo, bad) -> None:
             f"registers per thread (int32 + float), more than {MAX_ACCUMULATOR_REGS}")
     if self.smem_bytes > info.smem_bytes:
         bad(f"needs {self.smem_bytes} B of shared memory, {self.arch} allows {info.smem_bytes} B")
+
+
+def _check_stream(self: KernelConfig, info: ArchInfo, bad) -> None:
+    """Limits of the mma family's stream schedule (templates/atom_w4a4_stream.cuh.j2)."""
+    if self.tile_k != STREAM_CHUNK_K:
+        bad(f"tile_k must be {STREAM_CHUNK_K} (one 64-byte chunk per row)")
+    if self.tile_m % 8 or not 8 <= self.tile_m <= 64:
+        bad(f"tile_m={self.tile_m} (tokens per CTA) must be a multiple of 8 in 8..64")
+    if self.warp_m != self.tile_m:
+        bad("warp_m must equal tile_m (every warp covers all the CTA's tokens)")
+    if self.warp_n not in (16, 32) or self.tile_n % self.warp_n:
+        bad(f"warp_n must be 16 or 32 rows and divide tile_n={self.tile_n}")
+    if not 2 <= self.stages <= 16:
+        bad(f"stages={self.stages} (chunks in flight per warp) must be 2..16")
+    if not 1 <= self.warps_k <= 8:
+        bad(f"warps_k={self.warps_k} must be 1..8")
+    if not 32 <= self.threads <= 512:
+        bad(f"{self.threads} threads per block (must be 32..512)")
+    if self.group is not None and (self.group <= 0 or self.group % STREAM_CHUNK_K):
+        bad(f"group={self.group} must be a positive multiple of {STREAM_CHUNK_K}")
+    if self.outliers is not None and (self.outliers < 0 or self.outliers % (STREAM_CHUNK_K // 2)):
+        bad(f"outliers={self.outliers} must be a multiple of {STREAM_CHUNK_K // 2}")
+    if self.stream_regs > MAX_STREAM_REGS:
+        bad(f"needs about {self.stream_regs} registers per thread (stages x chunk buffers + accumulators), "
+            f"more than {MAX_STREAM_REGS}")
+    if self.smem_bytes > info.smem_bytes * 3 // 4:
+        bad(f"reduction buffer and chunk rings take {self.smem_bytes} B: too little shared memory left "
+            f"for the activation scales ({self.arch} allows {info.smem_bytes} B)")
 
 
 WGMMA_GROUP = 128             # the blockwise mainloop promotes once per 128-column k-tile

@@ -81,14 +81,17 @@ class ArchDispatch:
 
 def default_dispatch(arch: str) -> ArchDispatch:
     """Built-in rules: small tile with split-K for decode, small tile, then the large tile.
-    sm90a: the wgmma family (swap-AB decode tile up to M = 64, swap-AB medium tile up to 512,
-    then the prefill tile with the overlapped promotion: the measured best per range on our H100,
-    bench/results/gemm_h100_ovl.txt); calls it cannot run
-    (group 64) fall back at run time to the first compiled kernel that can (the binding's
-    plan()), i.e. the mma family."""
-    from .manifest import LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL
+    sm90a: the mma family's stream kernels up to M = 16 (4-bit weights read once: 1.5-1.8x the
+    wgmma decode tile there, bench/results/gemm_h100_stream.txt), then the wgmma
+    family (swap-AB decode tile up to M = 64, swap-AB medium tile up to 512, then the prefill
+    tile with the overlapped promotion: the measured best per range on our H100,
+    bench/results/gemm_h100_ovl.txt); calls a kernel cannot run (group 64 on the stream and
+    wgmma kernels) fall back at run time to the first compiled kernel that can (the binding's
+    plan()), i.e. the mma family's multistage tiles."""
+    from .manifest import LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL
     if arch == "sm90a":
-        rules = (DispatchRule(64, WGMMA_DECODE), DispatchRule(512, WGMMA_MEDIUM), DispatchRule(None, WGMMA_PREFILL_OVL))
+        rules = (DispatchRule(8, STREAM_M8.replace(arch=arch)), DispatchRule(16, STREAM.replace(arch=arch)),
+                 DispatchRule(64, WGMMA_DECODE), DispatchRule(512, WGMMA_MEDIUM), DispatchRule(None, WGMMA_PREFILL_OVL))
         check_rules(list(rules), f"default dispatch for {arch}")
         return ArchDispatch(rules)
     small = SMALL.replace(arch=arch)

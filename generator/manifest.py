@@ -5,8 +5,8 @@ the default) or logs it as culled (``strict=False``, used when crossing tables a
 levels); configs for archs not selected and duplicates are culled with a log line.
 
 Levels (``--level``):
-    0  (default, what CI compiles) per arch: the large tile and the small split-K tile,
-       fp16 and bf16 output -> 4 kernels per arch; sm90a adds the wgmma family's decode,
+    0  (default, what CI compiles) per arch: the large tile, the small split-K tile and two
+       stream (decode) tiles, fp16 and bf16 output -> 8 kernels per arch; sm90a adds the wgmma family's decode,
        medium and prefill tiles (6 more).
     1  adds a medium tile and tile_k=128 variants (group % 128 == 0 only).
     2  the cross product of the tile / warp / stage tables below, invalid ones culled.
@@ -35,6 +35,23 @@ LEVEL1 = (
     KernelConfig("mma", "sm80", 32, 128, 64, 32, 32, 4, split_k=True),
     KernelConfig("mma", "sm80", 128, 128, 128, 64, 32, 3),
     KernelConfig("mma", "sm80", 16, 64, 128, 16, 16, 4, split_k=True),
+)
+# The mma family's decode kernel (schedule "stream": swap-AB, 4-bit weights streamed through a
+# per-warp cp.async ring into u8 x u8 mma fragments, K split over 4 warps of the CTA): 16 tokens x
+# 32 weight rows per CTA, 4 chunks (64 bytes per row) in flight per warp. Group % 128 == 0,
+# outliers % 64 == 0. Level-1 variants fit every arch's shared memory (sm86 / sm89: 99 KB).
+STREAM = KernelConfig("mma", "sm80", tile_m=16, tile_n=32, tile_k=128, warp_m=16, warp_n=16, stages=4,
+                      warps_k=4, schedule="stream")
+# 8 tokens per CTA, 3 chunks in flight (more CTAs per SM): the fastest at M <= 8 on our H100
+# (1.2-1.4 TB/s of 4-bit weights at M = 1 on the Llama-7B shapes).
+STREAM_M8 = STREAM.replace(tile_m=8, warp_m=8, stages=3)
+STREAM_LEVEL1 = (
+    STREAM.replace(tile_m=8, warp_m=8, stages=5),
+    STREAM.replace(tile_n=64, warps_k=2),
+    STREAM.replace(tile_n=64, warp_n=32, stages=2),
+    STREAM.replace(tile_m=32, warp_m=32, stages=2),
+    STREAM.replace(tile_m=64, warp_m=64, stages=2, warps_k=2),
+    STREAM.replace(split_k=True),
 )
 # sm90a wgmma family (group 128 only), the fastest of the level-1 sweep on our H100 per M range
 # (bench/results/gemm_h100_wgmma_sweep.txt): a swap-AB decode tile (weights x tokens, ping-pong),
@@ -186,9 +203,9 @@ def level_configs(level: int) -> list[KernelConfig]:
     """Arch-less (arch='sm80' placeholder) configs of a level, f16 only; callers retarget."""
     if level < 0:
         raise ConfigError(f"--level must be >= 0, got {level}")
-    cfgs = [LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL]
+    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL]
     if level >= 1:
-        cfgs += list(LEVEL1) + list(WGMMA_LEVEL1)
+        cfgs += list(LEVEL1) + list(STREAM_LEVEL1) + list(WGMMA_LEVEL1)
     if level >= 2:
         for (tm, tn), (wm, wn), tk, st in itertools.product(LEVEL2_TILES, LEVEL2_WARPS, LEVEL2_TILE_K,
                                                             LEVEL2_STAGES):

@@ -56,7 +56,7 @@ def render(template: str, **ctx) -> str:
 # Per-family templates: a family adds templates/kernel_<family>.cu.j2 (one TU per config,
 # defining atom::check_<name> and atom::launch_<name>) and, if it needs one, a header listed
 # in FAMILY_HEADERS; registries, dispatch, binding and CMake are shared.
-FAMILY_HEADERS = {"mma": ("atom_w4a4_mma.cuh.j2",), "wgmma": ("atom_wgmma_overlap.cuh.j2",)}
+FAMILY_HEADERS = {"mma": ("atom_w4a4_mma.cuh.j2", "atom_w4a4_stream.cuh.j2"), "wgmma": ("atom_wgmma_overlap.cuh.j2",)}
 
 
 # Plain CUDA ops (no CUTLASS) compiled once for every arch's gencode (sources.cmake ATOM_MULTIARCH_SOURCES).

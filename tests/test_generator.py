@@ -15,7 +15,7 @@ from generator import ConfigError, KernelConfig, Manifest, default_manifest, emi
 from generator.cli import main as cli_main
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
-from generator.manifest import (LARGE, SMALL, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL, level_configs,
+from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL, level_configs,
                                 model_shapes, outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +87,58 @@ def test_impossible_wgmma_configs_raise(kw, why):
         WGMMA_PREFILL.replace(**kw).validate()
 
 
+def test_stream_schedule_naming_rules_and_render(tmp_path):
+    s90 = STREAM.replace(arch="sm90a")
+    assert s90.name == "atom_w4a4_mma_sm90a_t16x32x128_w16x16_s4_kw4_stream_gany_oany_f16"
+    assert STREAM_M8.name == "atom_w4a4_mma_sm80_t8x32x128_w8x16_s3_kw4_stream_gany_oany_f16"
+    sk = s90.replace(split_k=True, out_dtype="bf16", warps_k=1)
+    assert sk.name == "atom_w4a4_mma_sm90a_t16x32x128_w16x16_s4_stream_sk_gany_oany_bf16"
+    for c in (s90, sk, STREAM_M8):
+        c.validate()
+        assert KernelConfig.from_name(c.name) == c
+    assert s90.threads == 256  # 2 row warps x 4 K warps
+    # 64-byte chunks: group % 128, outliers % 64, N % 16.
+    assert s90.supports(4096, 128, 128, 4096) and s90.supports(576, 128, 64, 64) and s90.supports(4096, 256, 0, 16)
+    assert not s90.supports(4096, 64, 128, 4096) and not s90.supports(4096, 128, 32, 4096)
+    assert not s90.supports(4096, 128, 128, 4104)
+    # Every arch's shared memory holds the built-in stream tiles.
+    for arch in ("sm80", "sm86", "sm89", "sm90a"):
+        for c in level_configs(1):
+            if c.schedule == "stream":
+                c.replace(arch=arch).validate()
+    out = tmp_path / "gen"
+    emit(default_manifest(["sm90a"]), out)
+    src = (out / "sm90a" / f"{s90.name}.cu").read_text()
+    assert "atom::mma_family::StreamTraits<16, 16, 2, 4, 4, __half, false>" in src
+    assert "mma_family::stream_check<KT>(p)" in src and "mma_family::stream_launch<KT>(p, stream)" in src
+    assert "u8 x u8 mma" in (out / "include" / "atom_w4a4_stream.cuh").read_text()
+    reg = (out / "sm90a" / "registry.cpp").read_text()
+    assert f'if (M <= 8) return {{"{STREAM_M8.replace(arch="sm90a").name}", 1}};' in reg
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"tile_k": 64}, "tile_k must be 128"),
+    ({"tile_m": 72, "warp_m": 72}, "multiple of 8 in 8..64"),
+    ({"warp_m": 8}, "warp_m must equal tile_m"),
+    ({"warp_n": 64, "tile_n": 64}, "warp_n must be 16 or 32"),
+    ({"stages": 1}, "stages=1"),
+    ({"warps_k": 9}, "warps_k=9"),
+    ({"group": 64}, "multiple of 128"),
+    ({"outliers": 32}, "multiple of 64"),
+    ({"tile_m": 64, "warp_m": 64, "warp_n": 32, "tile_n": 64, "stages": 8}, "registers"),
+    ({"stages": 16}, "shared memory"),
+    ({"swap_ab": True}, "swap-AB"),
+])
+def test_impossible_stream_configs_raise(kw, why):
+    with pytest.raises(ConfigError, match=why):
+        STREAM.replace(**kw).validate()
+
+
+def test_warps_k_only_in_the_stream_schedule():
+    with pytest.raises(ConfigError, match="warps_k > 1 exists only in the stream schedule"):
+        SMALL.replace(warps_k=2).validate()
+
+
 def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     for cfg in (WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL):
         cfg.validate()
@@ -98,9 +150,11 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert not WGMMA_PREFILL.supports(4096, 64, 128, 4096) and not WGMMA_PREFILL.supports(4096, 128, 128, 4100)
     m = default_manifest(["sm90a"])
     fams = sorted(c.family for c in m.configs())
-    assert fams.count("wgmma") == 8 and fams.count("mma") == 4  # + the mma fallback for group 64
+    # + the mma family: multistage fallback for group 64 and the stream decode kernels
+    assert fams.count("wgmma") == 8 and fams.count("mma") == 8
     d = default_dispatch("sm90a")
-    assert [r.kernel for r in d.rules] == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL]
+    assert [r.kernel for r in d.rules] == [STREAM_M8.replace(arch="sm90a"), STREAM.replace(arch="sm90a"),
+                                           WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL]
     out = tmp_path / "gen"
     emit(m, out)
     src = (out / "sm90a" / f"{WGMMA_DECODE.name}.cu").read_text()
@@ -147,7 +201,7 @@ def test_wgmma_overlap_promotion_config_naming_and_render(tmp_path):
     lv0 = [c for c in level_configs(0) if c.promotion == "overlap"]
     lv1 = [c for c in level_configs(1) if c.promotion == "overlap"]
     assert lv0 == [ovl] and len(lv1) == 4
-    assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock", "stock", "overlap"]
+    assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock"] * 4 + ["overlap"]
     m = default_manifest(["sm90a"])
     assert {ovl.name, ovl.replace(out_dtype="bf16").name} <= set(m.names())
     out = tmp_path / "gen"
@@ -199,7 +253,7 @@ def test_manifest_dedups_and_logs_culls(caplog):
 
 def test_default_manifest_is_small_and_levels_grow():
     m0 = default_manifest(["sm80"])
-    assert len(m0) == 4  # large + small split-K, fp16 + bf16: what CI compiles
+    assert len(m0) == 8  # large, small split-K, two stream tiles; fp16 + bf16: what CI compiles
     assert {c.out_dtype for c in m0.configs()} == {"f16", "bf16"}
     m1 = default_manifest(["sm80"], level=1)
     m2 = default_manifest(["sm80"], level=2)
@@ -316,7 +370,7 @@ def test_emit_removes_stale_files_by_name(tmp_path):
     res = emit(default_manifest(["sm80"]), out)
     assert keep.exists()  # not generated: never removed
     assert not list((out / "sm89").glob("*.cu"))
-    assert len(list((out / "sm80").glob("atom_w4a4_*.cu"))) == 4
+    assert len(list((out / "sm80").glob("atom_w4a4_*.cu"))) == 8
     assert len(list((out / "sm80").glob("atom_int8_*.cu"))) == 1
     assert res["removed"]
 
@@ -368,7 +422,7 @@ def test_cli_writes(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "manifest.json").read_text())
-    assert data["archs"] == ["sm80", "sm89"] and len(data["kernels"]) == 8
+    assert data["archs"] == ["sm80", "sm89"] and len(data["kernels"]) == 16
     cm = (tmp_path / "sources.cmake").read_text()
     assert "ATOM_SOURCES_sm89" in cm and "compute_80,code=[sm_80,compute_80]" in cm
 
@@ -399,7 +453,7 @@ def test_int8_family_names_manifest_and_emit(tmp_path):
     assert sm80.name not in m.names()  # not a W4A4 kernel: never dispatched, never in the W4A4 table
     data = json.loads((out / "manifest.json").read_text())
     assert [k["name"] for k in data["int8_kernels"]] == [sm80.name, sm90.name]
-    assert len(data["kernels"]) == 20  # 4 mma per arch + 8 wgmma on sm90a (2 with overlapped promotion)
+    assert len(data["kernels"]) == 32  # 8 mma per arch + 8 wgmma on sm90a (2 with overlapped promotion)
     cm = (out / "sources.cmake").read_text()
     assert f"sm80/{sm80.name}.cu" in cm and f"sm90a/{sm90.name}.cu" in cm
     reg = (out / "sm80" / "registry.cpp").read_text()
