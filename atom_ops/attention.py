@@ -32,9 +32,10 @@ decode attention is the same flash-decoding kernel over float rows:
         rule, no host sync: CUDA-graph safe). Kernel: mma.sync in q's dtype with float32 accumulation
         (probabilities rounded to q's dtype for the P . V MMA); reference: paged_decode_reference.
 
-Decode has two kernels: a tensor-core one (mma.sync m16n8k16, fp32 accumulation; sm_80+: q . K on
-the raw nibbles with each group's scale and zero applied in fp32, V dequantized to fp16 in
-registers) for float16 q, and a SIMT fp32 one, which bfloat16 q always takes. The environment variable ATOM_KV4_DECODE=simt|mma forces one (read at each call; `mma`
+Decode has two kernels: a tensor-core one (mma.sync m16n8k16, fp32 accumulation; sm_80+: q . K and
+P . V on the raw nibbles (exact fp16 subnormals), K's scale and zero applied to the scores in fp32,
+V's folded into P (p * scale rounded to fp16) and a per-head sum of p * zero) for float16 q, and a
+SIMT fp32 one, which bfloat16 q always takes. The environment variable ATOM_KV4_DECODE=simt|mma forces one (read at each call; `mma`
 applies to float16 q only) for benchmarking and tests; unset or `auto` is the default choice.
 Both use the same split rule, workspace and combine kernel.
 
