@@ -256,6 +256,19 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
     return out
 
 
+def dispatched_kernel(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype) -> tuple[str, int]:
+    """(kernel name, split-K) that ``w4a4_gemm(a, w, out_dtype, ...)`` runs on these CUDA tensors
+    (tuning table, else compiled dispatch); ('', 0) when none does."""
+    ext = extension()
+    dev = a.packed.device
+    if ext is None or not a.packed.is_cuda:
+        return "", 0
+    cc = _device_cc(dev.index if dev.index is not None else torch.cuda.current_device())
+    if not ext.arch_for(cc):
+        return "", 0
+    return _plan("", 0, a.rows, w.rows, a.spec, _DTYPE_CODE[out_dtype], dev, cc)
+
+
 def _plan(kernel: str, split_k: int, m: int, n: int, spec, code: int, dev, cc: int) -> tuple[str, int]:
     """(kernel name, split-K) for this call: the forced kernel, else the tuning table's choice, else
     the compiled dispatch; ('', 0) when no compiled kernel runs it."""

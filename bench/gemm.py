@@ -134,8 +134,8 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
             if fn() is None:
                 raise RuntimeError("no compiled kernel for this GPU")
             r = time_cuda(fn, iters, flush=flush, graph=graph)
-            ext = kernels.extension()
-            r["kernel"], r["split_k"] = ext.plan(kernel, m, n, k, group, o, 0, 0, 0)
+            # what the op ran (the forced kernel, else the tuning table's choice or the dispatch)
+            r["kernel"], r["split_k"] = ((kernel, 0) if kernel else kernels.dispatched_kernel(a, wq, torch.float16))
             out["atom"] = r
             if kernels.kernel_family(r["kernel"]) == "wgmma" and "atom_kernel" in impls:
                 # The Hopper family alone on pre-staged operands (what a fused quantize kernel

@@ -2,8 +2,9 @@
 
 A decode step of a small model is mostly kernel-launch overhead; replaying a captured graph
 removes it. Each bucket B captures `ModelRunner.forward` on static input buffers of shape
-[B, 1] with a full-width block table [B, max_pages_per_seq]; a batch of n <= B sequences is
-copied into the buffers, padded with null rows (ModelRunner.decode_inputs), and replayed.
+[B, 1] with a full-width block table [B, max_pages_per_seq], all views of one flat buffer; a
+batch of n <= B sequences is written into its pinned host twin, padded with null rows
+(ModelRunner.decode_host), copied with one host-to-device copy, and replayed.
 Sampling stays outside the graph.
 """
 
@@ -33,7 +34,8 @@ class DecodeGraphs:
         check_graphable(runner)
         self.runner = runner
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]] = {}
+        # rows -> (graph, flat device inputs, pinned host twin, event after its last copy, logits)
+        self.graphs: dict[int, tuple] = {}
         self.pool = None
 
     @torch.no_grad()
@@ -41,12 +43,13 @@ class DecodeGraphs:
         """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
         for rows in sorted(self.buckets, reverse=True):
             r = self.runner
-            ids = torch.zeros(rows, 1, dtype=torch.int64, device=r.device)
-            positions = torch.zeros_like(ids)
-            tables = torch.zeros(rows, r.max_pages_per_seq, dtype=torch.int64, device=r.device)
-            lens = torch.ones(rows, dtype=torch.int64, device=r.device)
-            slots = torch.zeros(rows, dtype=torch.int64, device=r.device)
-            inputs = (ids, positions, tables, lens, slots)
+            # One flat buffer for all inputs (ModelRunner.decode_host's layout): a step refills it
+            # with one host-to-device copy from a pinned twin.
+            width = r.max_pages_per_seq
+            flat = torch.zeros(rows * (width + 4), dtype=torch.int64, device=r.device)
+            ids, positions, tables, lens, slots = r.split_decode_inputs(flat, rows, width)
+            lens.fill_(1)
+            pinned = torch.empty(flat.shape, dtype=torch.int64, pin_memory=True)
             batch = PagedBatch(r.pages, tables, lens, slots)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -58,7 +61,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = r.forward(ids, positions, batch)
             self.pool = graph.pool()
-            self.graphs[rows] = (graph, inputs, logits)
+            self.graphs[rows] = (graph, flat, pinned, torch.cuda.Event(), logits)
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -69,8 +72,10 @@ class DecodeGraphs:
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> Tensor:
         rows = self.bucket_for(len(seqs))
-        graph, inputs, logits = self.graphs[rows]
-        for static, value in zip(inputs, self.runner.decode_inputs(seqs, rows, self.runner.max_pages_per_seq)):
-            static.copy_(value)
+        graph, flat, pinned, copied, logits = self.graphs[rows]
+        copied.synchronize()  # the previous step's copy out of the pinned buffer is done
+        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=pinned.numpy())
+        flat.copy_(pinned, non_blocking=True)
+        copied.record()
         graph.replay()
         return logits[: len(seqs)]

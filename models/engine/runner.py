@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,19 +59,39 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- decode
 
+    def decode_host(self, seqs: list[Sequence], rows: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One decode step's inputs as one flat int64 host array: block tables [rows, width], then
+        input ids, positions, context lengths and slots [rows] each (split_decode_inputs views it).
+        Rows past len(seqs) are null rows (token 0 at position 0 in the null page).
+
+        Numpy, not nested lists into torch.tensor: this runs on the host between two decode
+        steps (CUDA-graph replays), where the list version cost more than a small batch's attention."""
+        n, ps = len(seqs), self.page_size
+        host = out if out is not None else np.empty(rows * (width + 4), dtype=np.int64)
+        tables = host[:rows * width].reshape(rows, width)
+        cols = host[rows * width:].reshape(4, rows)
+        tables[:] = NULL_PAGE
+        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * ps]])
+        for i, s in enumerate(seqs):
+            pos = s.num_cached
+            cols[:, i] = (s.token_at(pos), pos, pos + 1, s.pages[pos // ps] * ps + pos % ps)
+            tables[i, :len(s.pages)] = s.pages
+        return host
+
+    @staticmethod
+    def split_decode_inputs(flat: Tensor, rows: int, width: int):
+        """Views of a decode_host array (on any device): (input_ids [R, 1], positions [R, 1],
+        block_tables [R, W], context_lens [R], slots [R]), each contiguous."""
+        ids, positions, lens, slots = flat[rows * width:].view(4, rows)
+        return ids[:, None], positions[:, None], flat[:rows * width].view(rows, width), lens, slots
+
     def decode_inputs(self, seqs: list[Sequence], rows: int | None = None, width: int | None = None):
-        """(input_ids [R, 1], positions [R, 1], block_tables [R, W], context_lens [R], slots [R]) for
-        one decode step: each sequence's single uncached token. R = rows >= len(seqs) pads with
-        null rows (token 0 at position 0 in the null page), W defaults to the widest table."""
+        """split_decode_inputs of one step on the device (one host-to-device copy). R = rows >=
+        len(seqs) pads with null rows, W defaults to the widest table."""
         rows = rows or len(seqs)
         width = width or max(len(s.pages) for s in seqs)
-        pad = rows - len(seqs)
-        ids = [s.tokens[s.num_cached] for s in seqs] + [0] * pad
-        positions = [s.num_cached for s in seqs] + [0] * pad
-        tables = [s.pages + [NULL_PAGE] * (width - len(s.pages)) for s in seqs] + [[NULL_PAGE] * width] * pad
-        slots = [self._slots(s.pages, [s.num_cached])[0] for s in seqs] + [NULL_PAGE * self.page_size] * pad
-        t = self._tensor
-        return (t(ids)[:, None], t(positions)[:, None], t(tables), t(positions) + 1, t(slots))
+        flat = torch.from_numpy(self.decode_host(seqs, rows, width)).to(self.device)
+        return self.split_decode_inputs(flat, rows, width)
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence], rows: int | None = None, full_width: bool = False) -> Tensor:
