@@ -60,8 +60,9 @@ def compile_cached(src: Path, flags: list[str], key: str, check_ptxas) -> Path:
 # int8: the plain CUTLASS INT8 GEMM (2.x on sm80, 3.x TMA/wgmma on sm90a; ~10 s and ~50 s cold).
 # wgmma: the sm90a family on CUTLASS's blockwise FP8 mainloop, its swap-AB decode tile (~55 s cold);
 # wgmma_ovl: the overlapped-promotion mainloop (atom_wgmma_overlap.cuh), the level-0 prefill tile.
+# stream: the mma family's decode kernel (atom_w4a4_stream.cuh), its 16-token tile (~5 s).
 CASES = [("sm80", "mma"), ("sm90a", "mma"), ("sm80", "int8"), ("sm90a", "int8"), ("sm90a", "wgmma"),
-         ("sm90a", "wgmma_ovl")]
+         ("sm90a", "wgmma_ovl"), ("sm80", "stream"), ("sm90a", "stream")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -79,6 +80,8 @@ def test_compile_one_kernel(arch, family, tmp_path):
         cfg = next(c for c in m.configs() if c.family == family and c.swap_ab and c.out_dtype == "bf16")
     elif family == "wgmma_ovl":
         cfg = next(c for c in m.configs() if c.promotion == "overlap" and c.out_dtype == "bf16")
+    elif family == "stream":
+        cfg = next(c for c in m.configs() if c.schedule == "stream" and c.tile_m == 16 and c.out_dtype == "bf16")
     else:
         cfg = next(c for c in m.configs() if c.family == family and c.split_k and c.out_dtype == "bf16")
     src = out / arch / f"{cfg.name}.cu"
