@@ -37,7 +37,9 @@ P . V on the raw nibbles (exact fp16 subnormals), K's scale and zero applied to 
 V's folded into P (p * scale rounded to fp16) and a per-head sum of p * zero) for float16 q, and a
 SIMT fp32 one, which bfloat16 q always takes. The environment variable ATOM_KV4_DECODE=simt|mma forces one (read at each call; `mma`
 applies to float16 q only) for benchmarking and tests; unset or `auto` is the default choice.
-Both use the same split rule, workspace and combine kernel.
+Both use the same split rule, workspace and combine kernel. The tensor-core kernel's memory pipeline
+depth (cp.async stages per warp: 3 on sm_90, 2 where a deeper ring would cost CTAs per SM) can be
+forced with ATOM_KV4_STAGES=2|3|4 (read at each call; same results, for A/B benchmarks).
 
 Prefill attention (T > 1 new tokens per row) has no kernel of its own: it is kv4_gather followed by
 torch's F.scaled_dot_product_attention over the dequantized prefix plus the new tokens
@@ -71,6 +73,8 @@ GROUPS = (32, 64, 128)
 MAX_GQA = 8             # query heads per kv head the decode kernel holds
 SPLIT_TARGET = 4        # decode CTAs per SM the split rule aims for
 DECODE_KERNEL_ENV = "ATOM_KV4_DECODE"  # simt | mma: force one decode kernel (benchmarking)
+DECODE_STAGES_ENV = "ATOM_KV4_STAGES"  # 2 | 3 | 4: force the tensor-core kernel's cp.async stages (benchmarking)
+DECODE_STAGES = (2, 3, 4)
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -354,6 +358,19 @@ def decode_kernel_code(dtype: torch.dtype) -> int:
     return 2
 
 
+def decode_stages() -> int:
+    """The tensor-core decode kernel's cp.async stages per warp (attention.cu KV4DecodeArgs.stages): 0
+    lets the launcher choose per device (3 where 4 CTAs per SM still fit, as on sm_90; else 2);
+    ATOM_KV4_STAGES=2|3|4 forces one (read at each call, like ATOM_KV4_DECODE). The stage count
+    changes the memory pipeline only: results are identical."""
+    force = os.environ.get(DECODE_STAGES_ENV, "").strip().lower()
+    if force in ("", "auto", "0"):
+        return 0
+    if force not in tuple(str(s) for s in DECODE_STAGES):
+        raise FormatError(f"{DECODE_STAGES_ENV}={force!r}: expected 2, 3, 4 or auto")
+    return int(force)
+
+
 def _ptrs(pool: Pool) -> list[int]:
     return [t.data_ptr() for t in pool]
 
@@ -406,7 +423,7 @@ def _launch_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: i
                              lens.data_ptr(), int(lens.dtype == torch.int64), B, q_heads, kv_heads, head_dim,
                              pool_group(k_pool), page_size, W, head_dim ** -0.5, splits,
                              ws.data_ptr() if ws is not None else 0, out.data_ptr(), stream,
-                             decode_kernel_code(q.dtype))
+                             decode_kernel_code(q.dtype), decode_stages())
     return out
 
 

@@ -213,6 +213,18 @@ def test_decode_kernel_choice(monkeypatch):
         A.decode_kernel_code(torch.float16)
 
 
+def test_decode_stages_choice(monkeypatch):
+    monkeypatch.delenv(A.DECODE_STAGES_ENV, raising=False)
+    assert A.decode_stages() == 0  # the launcher's per-device choice
+    for v, want in [("auto", 0), ("2", 2), (" 3 ", 3), ("4", 4)]:
+        monkeypatch.setenv(A.DECODE_STAGES_ENV, v)
+        assert A.decode_stages() == want
+    for v in ("1", "5", "deep"):
+        monkeypatch.setenv(A.DECODE_STAGES_ENV, v)
+        with pytest.raises(FormatError, match="ATOM_KV4_STAGES"):
+            A.decode_stages()
+
+
 def test_opcheck_cpu():
     kp, vp = _pools()
     q, ctx = torch.randn(2, 4, 64), torch.tensor([5, 0])
@@ -435,6 +447,24 @@ def test_gpu_decode_zero_length_rows_are_zero(kernel, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
+def test_gpu_decode_stages_bit_identical(monkeypatch):
+    """The tensor-core kernel's stage count (ATOM_KV4_STAGES) changes its memory pipeline only: every
+    float16 case gives the same bits with 2, 3 and 4 stages as with the default."""
+    monkeypatch.setenv(A.DECODE_KERNEL_ENV, "mma")
+    bad = []
+    for i, case in enumerate(decode_cases()):
+        if case[7] != torch.float16:
+            continue
+        outs = {}
+        for stages in ("auto", *map(str, A.DECODE_STAGES)):
+            monkeypatch.setenv(A.DECODE_STAGES_ENV, stages)
+            outs[stages], _, _ = run_decode_case(*case, seed=200 + i)
+        bad += [f"case {i} {case[:6]} stages {k}" for k, v in outs.items() if not torch.equal(v, outs["auto"])]
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_decode_in_a_cuda_graph():
     """Captured once at full width, replayed for other context lengths: no host sync in the op."""
     b, hq, hkv, d, group, ps = 4, 32, 8, 128, 128, 16
@@ -644,15 +674,17 @@ def sanitize_main() -> int:
              (2, 32, 8, 128, 32, 32, [33, 1500], torch.bfloat16, 3, torch.int32, 1.0),
              (5, 24, 3, 128, 128, 16, [15, 16, 17, 0, 700], torch.float16, 1, torch.int64, 6.0),
              (1, 32, 32, 128, 64, 16, [4097], torch.float16, 0, torch.int32, 0.5)]
-    for kernel in DECODE_KERNELS:
+    for kernel, stages in [("simt", "auto"), *(("mma", str(s)) for s in A.DECODE_STAGES)]:
         os.environ[A.DECODE_KERNEL_ENV] = kernel
+        os.environ[A.DECODE_STAGES_ENV] = stages
         for i, case in enumerate(cases):
             got, want, vmax = run_decode_case(*case, seed=400 + i)
             torch.cuda.synchronize()
             ok = bool(torch.isfinite(got).all()) and float((got.float() - want.float()).abs().max()) <= DECODE_TOL[case[7]] * vmax
             bad += not ok
-            print(f"sanitize kv4_decode_attention [{kernel}] {case[:7]}: {'ok' if ok else 'BAD'}")
+            print(f"sanitize kv4_decode_attention [{kernel}, stages {stages}] {case[:7]}: {'ok' if ok else 'BAD'}")
     os.environ.pop(A.DECODE_KERNEL_ENV, None)
+    os.environ.pop(A.DECODE_STAGES_ENV, None)
     paged = [(3, 8, 8, 128, 16, [0, 1, 300], torch.float16, 0, torch.int64, 2.0),
              (2, 8, 1, 64, 7, [17, 1500], torch.bfloat16, 2, torch.int32, 1.0),
              (2, 16, 4, 128, 32, [129, 0], torch.float16, 1, torch.int64, 0.5),
