@@ -1,12 +1,14 @@
 """The INT4 KV cache's ops: store new K/V rows, decode attention, and the prefill gather.
 
-One layer's pool is three tensors, as models/engine/kv_cache.py KV4Pages holds them (token slot
-s = page * page_size + offset):
+One layer's pool is three tensors, as models/engine/kv_cache.py KV4Pages holds them, head-major
+within each page (token slot s = page * page_size + offset):
 
-    packed  uint8   [pages, page_size, kv_heads, head_dim / 2]   unsigned nibbles (formats.pack_uint4)
-    scale   float16 [pages, page_size, kv_heads, G]               G = head_dim / group
-    zero    float16 [pages, page_size, kv_heads, G]
+    packed  uint8   [pages, kv_heads, page_size, head_dim / 2]   unsigned nibbles (formats.pack_uint4)
+    scale   float16 [pages, kv_heads, page_size, G]               G = head_dim / group
+    zero    float16 [pages, kv_heads, page_size, G]
 
+so token s of kv head h is [s // page_size, h, s % page_size]: a page's tokens of one head are
+contiguous (a 32-token tile's scales are 64 * G contiguous bytes per tensor, not 32 sectors).
 value = nibble * scale + zero (formats.quantize_kv / dequantize_kv); the group is head_dim / G.
 
     kv4_append(k, v, slots, k_pool, v_pool, cos=None, sin=None)
@@ -99,15 +101,18 @@ def kv4_append_reference(k: Tensor, v: Tensor, slots: Tensor, k_pool: Pool, v_po
     if cos is not None:
         k = rope_reference(k, cos, sin)
     group = pool_group(k_pool)
+    page_size = k_pool[0].shape[2]
+    page, offset = slots // page_size, slots % page_size
     for pool, x in ((k_pool, k), (v_pool, v)):
-        for t, part in zip(pool, formats.quantize_kv(x, group)):
-            t.view(-1, *t.shape[2:]).index_copy_(0, slots, part)
+        for t, part in zip(pool, formats.quantize_kv(x, group)):  # part [N, kv_heads, ...]
+            t[page, :, offset] = part  # advanced indices apart: the result is [N, kv_heads, ...]
 
 
 def _dequantized(pool: Pool, block_tables: Tensor) -> Tensor:
     """float32 [B, kv_heads, W * page_size, head_dim] of each row's pages."""
     B, W = block_tables.shape
-    parts = [t[block_tables].reshape(B, W * t.shape[1], *t.shape[2:]) for t in pool]
+    # [B, W, Hkv, page_size, ...] -> [B, W * page_size, Hkv, ...] (dequantize_kv's token-major layout)
+    parts = [t[block_tables].transpose(2, 3).reshape(B, W * t.shape[2], t.shape[1], t.shape[3]) for t in pool]
     return formats.dequantize_kv(*parts, pool_group(pool)).transpose(1, 2)
 
 
@@ -203,12 +208,12 @@ def pool_dims(pool: Pool, op: str, name: str) -> tuple[int, int, int, int]:
         raise FormatError(f"{op}: {name} must be a (packed, scale, zero) tuple")
     packed, scale, zero = pool
     if packed.dtype != torch.uint8 or packed.dim() != 4:
-        raise FormatError(f"{op}: {name} packed must be uint8 [pages, page_size, kv_heads, head_dim / 2], "
-                          f"got {packed.dtype} {tuple(packed.shape)}")
+        raise FormatError(f"{op}: {name} packed must be uint8 [pages, kv_heads, page_size, head_dim / 2] "
+                          f"(head-major pages), got {packed.dtype} {tuple(packed.shape)}")
     for label, t in (("scale", scale), ("zero", zero)):
         if t.dtype != formats.SCALE_DTYPE or t.dim() != 4 or t.shape[:3] != packed.shape[:3]:
-            raise FormatError(f"{op}: {name} {label} must be float16 {tuple(packed.shape[:3])} + [groups], "
-                              f"got {t.dtype} {tuple(t.shape)}")
+            raise FormatError(f"{op}: {name} {label} must be float16 [pages, kv_heads, page_size, groups] = "
+                              f"{list(packed.shape[:3])} + [groups] to match packed, got {t.dtype} {tuple(t.shape)}")
     if scale.shape != zero.shape:
         raise FormatError(f"{op}: {name} scale {tuple(scale.shape)} and zero {tuple(zero.shape)} differ")
     head_dim, groups = 2 * packed.shape[-1], scale.shape[-1]
@@ -217,7 +222,7 @@ def pool_dims(pool: Pool, op: str, name: str) -> tuple[int, int, int, int]:
     if not all(t.is_contiguous() for t in pool):
         raise FormatError(f"{op}: {name} tensors must be contiguous (one layer of a contiguous pool)")
     _check_devices(op, packed=packed, scale=scale, zero=zero)
-    return packed.shape[1], packed.shape[2], head_dim, head_dim // groups
+    return packed.shape[2], packed.shape[1], head_dim, head_dim // groups
 
 
 def _pools(k_pool: Pool, v_pool: Pool, op: str) -> tuple[int, int, int, int]:
@@ -259,8 +264,8 @@ def check_append_args(k, v, slots, k_pool, v_pool, cos, sin) -> None:
                                   f"got {t.dtype} {tuple(t.shape)}")
     _check_devices(op, k=k, v=v, slots=slots, cos=cos, sin=sin, pool=k_pool[0], v_pool=v_pool[0])
     _kernel_check(op, k, head_dim, group, k.dtype)
-    if _runs_kernel(k) and k_pool[0].shape[0] * page_size >= 2 ** 31:
-        raise FormatError(f"{op}: the pool has >= 2^31 slots")
+    if _runs_kernel(k) and k_pool[0].shape[0] * page_size * kv_heads >= 2 ** 31:
+        raise FormatError(f"{op}: the pool has >= 2^31 token rows (pages * kv_heads * page_size)")
 
 
 def check_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
@@ -271,6 +276,9 @@ def check_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
     _check_decode_rows(op, q, block_tables, context_lens, head_dim, kv_heads)
     _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool[0], v_pool=v_pool[0])
     _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
+    if _runs_kernel(q) and k_pool[0].shape[0] * page_size * kv_heads >= 2 ** 31:
+        raise FormatError(f"{op}: the CUDA kernel cannot run this call: the pool has >= 2^31 token rows "
+                          "(pages * kv_heads * page_size)")
 
 
 def _check_decode_rows(op: str, q: Tensor, block_tables: Tensor, context_lens: Tensor, head_dim: int,
@@ -316,12 +324,15 @@ def check_paged_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> No
 
 def check_gather_args(k_pool, v_pool, block_tables, dtype) -> None:
     op = "kv4_gather"
-    _, _, head_dim, group = _pools(k_pool, v_pool, op)
+    page_size, kv_heads, head_dim, group = _pools(k_pool, v_pool, op)
     _check_index(op, "block_tables", block_tables, 2)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise FormatError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
     _check_devices(op, block_tables=block_tables, k_pool=k_pool[0], v_pool=v_pool[0])
     _kernel_check(op, block_tables, head_dim, group, dtype)
+    if _runs_kernel(block_tables) and k_pool[0].shape[0] * page_size * kv_heads >= 2 ** 31:
+        raise FormatError(f"{op}: the CUDA kernel cannot run this call: the pool has >= 2^31 token rows "
+                          "(pages * kv_heads * page_size)")
 
 
 # --------------------------------------------------------------------- kernel launches
@@ -389,8 +400,8 @@ def _launch_append(ext, k, v, slots, k_pool, v_pool, cos, sin, stream: int) -> N
     packed = k_pool[0]
     ext.kv4_append(k.data_ptr(), v.data_ptr(), ld_k, ld_v, cos.data_ptr() if cos is not None else 0,
                    sin.data_ptr() if sin is not None else 0, ld_rope, slots.contiguous().data_ptr(),
-                   _DTYPE_CODE[k.dtype], n, kv_heads, head_dim, pool_group(k_pool), packed.shape[0] * packed.shape[1],
-                   *_ptrs(k_pool), *_ptrs(v_pool), stream)
+                   _DTYPE_CODE[k.dtype], n, kv_heads, head_dim, pool_group(k_pool), packed.shape[0] * packed.shape[2],
+                   packed.shape[2], *_ptrs(k_pool), *_ptrs(v_pool), stream)
 
 
 def _decode_operands(q, block_tables, context_lens, kv_heads: int, page_size: int, splits: int, sms: int):
@@ -412,7 +423,7 @@ def _decode_operands(q, block_tables, context_lens, kv_heads: int, page_size: in
 
 def _launch_decode(ext, q, k_pool, v_pool, block_tables, context_lens, splits: int, sms: int, stream: int) -> Tensor:
     B, q_heads, head_dim = q.shape
-    page_size, kv_heads = k_pool[0].shape[1], k_pool[0].shape[2]
+    kv_heads, page_size = k_pool[0].shape[1], k_pool[0].shape[2]
     W = block_tables.shape[1]
     out, operands = _decode_operands(q, block_tables, context_lens, kv_heads, page_size, splits, sms)
     if operands is None:
@@ -445,7 +456,7 @@ def _launch_paged_decode(ext, q, k_pool, v_pool, block_tables, context_lens, spl
 
 
 def _launch_gather(ext, k_pool, v_pool, block_tables, dtype, stream: int) -> tuple[Tensor, Tensor]:
-    page_size, kv_heads, head_dim = k_pool[0].shape[1], k_pool[0].shape[2], 2 * k_pool[0].shape[3]
+    kv_heads, page_size, head_dim = k_pool[0].shape[1], k_pool[0].shape[2], 2 * k_pool[0].shape[3]
     B, W = block_tables.shape
     shape = (B, kv_heads, W * page_size, head_dim)
     k = torch.empty(shape, dtype=dtype, device=block_tables.device)
@@ -528,7 +539,7 @@ def _kv4_gather_op(k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: 
 @_kv4_gather_op.register_fake
 def _(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, dtype):
     B, W = block_tables.shape
-    shape = (B, k_packed.shape[2], W * k_packed.shape[1], 2 * k_packed.shape[3])
+    shape = (B, k_packed.shape[1], W * k_packed.shape[2], 2 * k_packed.shape[3])
     return k_packed.new_empty(shape, dtype=dtype), k_packed.new_empty(shape, dtype=dtype)
 
 

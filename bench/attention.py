@@ -70,7 +70,7 @@ def make_case(layout: str, batch: int, context: int, device, dtype=torch.float16
     pages = batch * width + 1  # page 0 unused, as in the engine
     pools = []
     for _ in range(2):
-        shape = (pages, PAGE_SIZE, hkv)
+        shape = (pages, hkv, PAGE_SIZE)  # head-major pages (atom_ops.attention's pool layout)
         packed = torch.randint(0, 256, (*shape, d // 2), generator=g, device=device, dtype=torch.uint8)
         scale = (torch.rand(*shape, d // GROUP, generator=g, device=device) * 0.2 + 0.01).half()
         zero = torch.randn(*shape, d // GROUP, generator=g, device=device).half()
@@ -86,11 +86,12 @@ def make_case(layout: str, batch: int, context: int, device, dtype=torch.float16
 def fp16_pages(pool, dtype, chunk: int = 1024) -> torch.Tensor:
     """KV4 pool -> float pages [pages, page_size, kv_heads, head_dim] of the same values, a chunk of
     pages at a time (the float32 intermediate of a whole large pool would not fit)."""
-    packed, scale, zero = pool
-    out = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype, device=packed.device)
-    for i in range(0, packed.shape[0], chunk):
+    packed, scale, zero = pool  # [pages, kv_heads, page_size, ...] (head-major)
+    pages, hkv, page_size = packed.shape[:3]
+    out = torch.empty(pages, page_size, hkv, 2 * packed.shape[-1], dtype=dtype, device=packed.device)
+    for i in range(0, pages, chunk):
         out[i:i + chunk] = formats.dequantize_kv(packed[i:i + chunk], scale[i:i + chunk], zero[i:i + chunk],
-                                                 GROUP).to(dtype)
+                                                 GROUP).to(dtype).transpose(1, 2)
     return out
 
 

@@ -31,13 +31,19 @@ DECODE_TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 
 
 def random_pool(pages: int, page_size: int, kv_heads: int, head_dim: int, group: int, seed: int, device="cpu"):
-    """A (packed, scale, zero) pool of random nibbles, scales and zeros (values within about +-4)."""
+    """A (packed, scale, zero) pool of random nibbles, scales and zeros (values within about +-4), in the
+    head-major page layout [pages, kv_heads, page_size, ...]."""
     g = torch.Generator().manual_seed(seed)
     groups = head_dim // group
-    packed = torch.randint(0, 256, (pages, page_size, kv_heads, head_dim // 2), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(pages, page_size, kv_heads, groups, generator=g) * 0.2 + 0.01).half()
-    zero = torch.randn(pages, page_size, kv_heads, groups, generator=g).half()
+    packed = torch.randint(0, 256, (pages, kv_heads, page_size, head_dim // 2), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(pages, kv_heads, page_size, groups, generator=g) * 0.2 + 0.01).half()
+    zero = torch.randn(pages, kv_heads, page_size, groups, generator=g).half()
     return tuple(t.to(device) for t in (packed, scale, zero))
+
+
+def by_slot(t):
+    """One pool tensor [pages, kv_heads, page_size, X] as [slots, kv_heads, X] (slot = page * page_size + offset)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
 
 
 def rope_tables(n: int, head_dim: int, dtype, seed: int, device="cpu"):
@@ -88,7 +94,7 @@ def test_append_writes_quantize_kv_of_the_roped_rows(head_dim, group, rope):
     kr = A.rope_reference(k, cos, sin) if rope else k
     for pool, old, x in ((k_pool, before[:3], kr), (v_pool, before[3:], v)):
         for t, o, want in zip(pool, old, formats.quantize_kv(x, group)):
-            flat, oflat = t.view(-1, *t.shape[2:]), o.view(-1, *o.shape[2:])
+            flat, oflat = by_slot(t), by_slot(o)
             assert torch.equal(flat[slots], want)
             untouched = torch.ones(flat.shape[0], dtype=torch.bool)
             untouched[slots] = False
@@ -106,9 +112,24 @@ def test_gather_reference_is_dequantize_kv():
     tables = torch.tensor([[3, 1, 6], [2, 0, 5]], dtype=torch.int32)
     got = A.kv4_gather(*pages.layer_pools(1), tables, torch.float16)
     for a, pool in zip(got, pages.layer_pools(1)):  # each row's pages, dequantized in order
-        packed, scale, zero = (t[tables.long()].reshape(2, 12, *t.shape[2:]) for t in pool)
+        packed, scale, zero = (by_slot(t)[(tables.long()[:, :, None] * 4 + torch.arange(4)).reshape(2, 12)]
+                               for t in pool)
         want = formats.dequantize_kv(packed, scale, zero, 32).half()  # [B, L, kv_heads, head_dim]
         assert a.is_contiguous() and torch.equal(a, want.transpose(1, 2))
+
+
+def test_pool_layout_is_head_major_per_page():
+    """Token slot s of kv head h is [s // page_size, h, s % page_size] of every pool tensor: a page's
+    tokens of one head are contiguous (the decode kernels read a tile's scales as whole sectors)."""
+    pages, ps, hkv, d, group = 4, 8, 3, 64, 32
+    kp, vp = random_pool(pages, ps, hkv, d, group, 1), random_pool(pages, ps, hkv, d, group, 2)
+    k, v = torch.randn(2, hkv, d), torch.randn(2, hkv, d)
+    slots = torch.tensor([13, 30])  # page 1 offset 5, page 3 offset 6
+    A.kv4_append(k, v, slots, kp, vp)
+    for pool, x in ((kp, k), (vp, v)):
+        for t, want in zip(pool, formats.quantize_kv(x, group)):
+            assert torch.equal(t[1, :, 5], want[0]) and torch.equal(t[3, :, 6], want[1])
+    assert kp[1].stride() == (hkv * ps * (d // group), ps * (d // group), d // group, 1)
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (9, 3), (8, 1)])
@@ -160,8 +181,11 @@ def test_errors_name_the_problem():
         A.kv4_append(k, v, slots, (kp[0], kp[1].float(), kp[2]), vp)
     with pytest.raises(FormatError, match="groups do not divide"):
         bad = random_pool(3, 4, 2, 64, 32, 1)
-        A.kv4_append(k, v, slots, (bad[0], bad[1][..., :1].expand(3, 4, 2, 3).contiguous(),
-                                   bad[2][..., :1].expand(3, 4, 2, 3).contiguous()), vp)
+        A.kv4_append(k, v, slots, (bad[0], bad[1][..., :1].expand(3, 2, 4, 3).contiguous(),
+                                   bad[2][..., :1].expand(3, 2, 4, 3).contiguous()), vp)
+    with pytest.raises(FormatError, match=r"scale must be float16 \[pages, kv_heads, page_size, groups\] = \[3, 2, 4\]"):
+        # the old token-major scale layout [pages, page_size, kv_heads, G] next to head-major packed
+        A.kv4_append(k, v, slots, (kp[0], kp[1].transpose(1, 2).contiguous(), kp[2]), vp)
     with pytest.raises(FormatError, match="different shapes or groups"):
         A.kv4_append(k, v, slots, kp, random_pool(3, 4, 2, 64, 64, 2))
     q, tables, ctx = torch.randn(2, 4, 64), torch.zeros(2, 3, dtype=torch.int32), torch.tensor([1, 2])

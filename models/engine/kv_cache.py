@@ -9,7 +9,9 @@ Two page formats:
   decode steps read them with atom_ops' paged decode-attention kernel (`fused`).
 - KV4Pages: asymmetric INT4 per token per head with an fp16 scale and zero per group along
   head_dim, exactly `atom_ops.formats.quantize_kv` / `dequantize_kv` (the pipeline's
-  KV4Quantizer), so a paged atom model sees the same K/V values as the evaluated one. On a GPU
+  KV4Quantizer), so a paged atom model sees the same K/V values as the evaluated one. Its pages
+  are head-major ([pages, kv_heads, page_size, ...]: one head's tokens of a page contiguous, so
+  decode reads whole sectors of scales and zeros). On a GPU
   whose shape the kernels take (`fused`), new rows are stored by atom_ops' kv4_append kernel
   (RoPE on k fused in) and attention reads the pages with the KV4 kernels (attention.py).
 
@@ -104,7 +106,9 @@ class FloatPages:
 
 
 class KV4Pages:
-    """INT4 K and V pages: packed uint8 [.., head_dim / 2] plus fp16 scale and zero [.., groups]."""
+    """INT4 K and V pages, head-major per page: packed uint8 [layers, pages, kv_heads, page_size, head_dim / 2]
+    plus fp16 scale and zero [layers, pages, kv_heads, page_size, groups] (atom_ops.attention's pool layout:
+    token slot s = page * page_size + offset of kv head h is [s // page_size, h, s % page_size])."""
 
     kind = "kv4"
 
@@ -114,7 +118,7 @@ class KV4Pages:
         if head_dim % self.group or self.group % 2:
             raise ValueError(f"KV4 pages need head_dim ({head_dim}) to be a multiple of an even group "
                              f"({self.group})")
-        base = (layers, num_pages, page_size, kv_heads)
+        base = (layers, num_pages, kv_heads, page_size)  # head-major pages (atom_ops.attention's pool layout)
         groups = head_dim // self.group
         self.pools = {}
         for name in ("k", "v"):
