@@ -66,15 +66,15 @@ class ModelRunner:
 
         Numpy, not nested lists into torch.tensor: this runs on the host between two decode
         steps (CUDA-graph replays), where the list version cost more than a small batch's attention."""
-        n, ps = len(seqs), self.page_size
+        n = len(seqs)
         host = out if out is not None else np.empty(rows * (width + 4), dtype=np.int64)
         tables = host[:rows * width].reshape(rows, width)
         cols = host[rows * width:].reshape(4, rows)
         tables[:] = NULL_PAGE
-        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * ps]])
+        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * self.page_size]])
         for i, s in enumerate(seqs):
             pos = s.num_cached
-            cols[:, i] = (s.token_at(pos), pos, pos + 1, s.pages[pos // ps] * ps + pos % ps)
+            cols[:, i] = (s.token_at(pos), pos, pos + 1, self._slots(s.pages, (pos,))[0])
             tables[i, :len(s.pages)] = s.pages
         return host
 
