@@ -215,7 +215,10 @@ def test_kernel_limits():
 
 def test_decode_split_rule():
     sms = 132
-    assert A.decode_splits(256, 32, 8192, sms) == 1          # plenty of CTAs already
+    assert A.decode_splits(256, 32, 1024, sms) == 2          # many waves already: 2 shorter CTAs each
+    assert A.decode_splits(64, 8, 4096, sms) == 1            # 512 pairs fill one wave of 4 per SM
+    assert A.decode_splits(64, 8, 8192, sms) == 2            # at most 32 tiles per CTA
+    assert A.decode_splits(16, 8, 4096, sms) == 4            # 4 splits still fit one wave
     assert A.decode_splits(1, 32, 4096, sms) == 16           # 32 tiles in chunks of 2
     assert A.decode_splits(1, 8, 4096, sms) == 32            # one tile each
     assert A.decode_splits(1, 8, 100, sms) == 1              # one tile in all

@@ -89,7 +89,7 @@ def _gpu_cases(n=120, seed=0):
         k = ks[i % len(ks)]
         specs = [QuantSpec(k, g, o) for g in (64, 128) for o in (0, 64, 128) if k - o > 0 and (k - o) % g == 0]
         spec = rng.choice(specs)
-        m = rng.choice([1, 2, 3, 7, 16, 33, 100, 257])
+        m = rng.choice([1, 2, 3, 7, 16, 33, 100, 257, 1100])  # 1100: more rows than resident CTAs (L2 prefetch)
         prologue = quant_ops.PROLOGUE_NAMES[i % 3]
         dtype = (torch.float16, torch.bfloat16, torch.float32)[(i // 3) % 3]
         out.append((m, spec, prologue, dtype, rng.choice([1.0, 0.9])))
