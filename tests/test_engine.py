@@ -105,6 +105,42 @@ def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: fl
             close(row, ref)
 
 
+def test_decode_host_row_cache_matches_a_fresh_build(tiny_config):
+    """decode_host into a persistent buffer with its `written` record (what DecodeGraphs does) gives the
+    same array as a fresh build, through pages growing, rows changing hands, released and re-allocated
+    page lists, and the batch shrinking and growing."""
+    import numpy as np
+
+    engine = Engine(random_model(tiny_config), EngineConfig(page_size=4, max_context=64, max_batch=4))
+    runner, alloc, rows, width = engine.runner, engine.allocator, 4, engine.pages_per_seq
+    seqs = [Sequence(f"s{i}", list(range(1, 3 + 3 * i)), SamplingParams(), 32, None) for i in range(4)]
+    for s in seqs:
+        s.pages = alloc.allocate(pages_for(s.num_tokens, 4))
+        s.num_cached = s.num_tokens - 1
+    out, written = np.full(rows * (width + 4), 7, dtype=np.int64), [None] * rows
+    out[:rows * width] = 0  # the null page, as DecodeGraphs initialises its pinned buffer
+
+    def check(batch):
+        got = runner.decode_host(batch, rows, width, out=out, written=written).copy()
+        assert np.array_equal(got, runner.decode_host(batch, rows, width))
+
+    check(seqs)
+    for step in range(6):  # every sequence grows by one token (a new page every 4)
+        for s in seqs:
+            s.output_ids.append(step)
+            s.num_cached += 1
+            s.pages.extend(alloc.allocate(pages_for(s.num_cached + 1, 4) - len(s.pages)))
+        check(seqs)
+    check(seqs[1:])                      # a row finished: the others move up
+    check([seqs[3], seqs[1]])
+    alloc.free(seqs[1].pages)            # released and given other pages, as many
+    held = alloc.allocate(1)
+    seqs[1].pages = alloc.allocate(len(seqs[1].pages))
+    alloc.free(held)
+    check([seqs[3], seqs[1]])
+    check(seqs)
+
+
 # ------------------------------------------------------------------------ continuous batching
 
 @pytest.mark.parametrize("static_shapes", [False, True], ids=["eager", "graph_shapes"])

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..llama import rope_type
 from .attention import PagedBatch
+from .kv_cache import NULL_PAGE
 from .runner import ModelRunner
 from .scheduler import Sequence
 
@@ -34,7 +35,8 @@ class DecodeGraphs:
         check_graphable(runner)
         self.runner = runner
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
-        # rows -> (graph, flat device inputs, pinned host twin, event after its last copy, logits)
+        # rows -> (graph, flat device inputs, pinned host twin, what its table rows hold (decode_host),
+        #          event after its last copy, logits)
         self.graphs: dict[int, tuple] = {}
         self.pool = None
 
@@ -49,7 +51,8 @@ class DecodeGraphs:
             flat = torch.zeros(rows * (width + 4), dtype=torch.int64, device=r.device)
             ids, positions, tables, lens, slots = r.split_decode_inputs(flat, rows, width)
             lens.fill_(1)
-            pinned = torch.empty(flat.shape, dtype=torch.int64, pin_memory=True)
+            pinned = torch.full(flat.shape, NULL_PAGE, dtype=torch.int64, pin_memory=True)
+            written = [None] * rows  # decode_host's record of pinned's table rows: all null
             batch = PagedBatch(r.pages, tables, lens, slots)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -61,7 +64,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = r.forward(ids, positions, batch)
             self.pool = graph.pool()
-            self.graphs[rows] = (graph, flat, pinned, torch.cuda.Event(), logits)
+            self.graphs[rows] = (graph, flat, pinned, written, torch.cuda.Event(), logits)
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -72,9 +75,9 @@ class DecodeGraphs:
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> Tensor:
         rows = self.bucket_for(len(seqs))
-        graph, flat, pinned, copied, logits = self.graphs[rows]
+        graph, flat, pinned, written, copied, logits = self.graphs[rows]
         copied.synchronize()  # the previous step's copy out of the pinned buffer is done
-        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=pinned.numpy())
+        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=pinned.numpy(), written=written)
         flat.copy_(pinned, non_blocking=True)
         copied.record()
         graph.replay()

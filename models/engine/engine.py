@@ -135,7 +135,9 @@ class Engine:
         if self.scheduler.find(request_id) is not None:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = min(params.max_tokens, self.max_context - len(prompt_ids))
-        self.scheduler.add(Sequence(request_id, list(prompt_ids), params, max_tokens, make_generator(params)))
+        seq = Sequence(request_id, list(prompt_ids), params, max_tokens, make_generator(params))
+        seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -203,9 +205,8 @@ class Engine:
 
     def _finish_check(self, seq: Sequence) -> RequestOutput:
         tok = seq.output_ids[-1]
-        stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_token_ids)
         out = RequestOutput(seq.request_id, [tok], prompt_tokens=len(seq.prompt_ids))
-        if tok in stops:
+        if tok in seq.stop_ids:
             seq.output_ids.pop()  # the stop token is not part of the completion
             out.new_token_ids, out.finished, out.finish_reason = [], True, "stop"
         elif len(seq.output_ids) >= seq.max_tokens:

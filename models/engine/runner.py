@@ -59,23 +59,49 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- decode
 
-    def decode_host(self, seqs: list[Sequence], rows: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    def decode_host(self, seqs: list[Sequence], rows: int, width: int, out: np.ndarray | None = None,
+                    written: list | None = None) -> np.ndarray:
         """One decode step's inputs as one flat int64 host array: block tables [rows, width], then
         input ids, positions, context lengths and slots [rows] each (split_decode_inputs views it).
         Rows past len(seqs) are null rows (token 0 at position 0 in the null page).
 
+        `written` (with a persistent `out`, DecodeGraphs): what each row of out's block tables holds
+        from earlier calls, (pages list, its length) or None for a null row; rows whose sequence and
+        page count did not change are not rewritten. Sound because a sequence's page list only grows
+        in place, and releasing its pages replaces the list (Sequence.pages).
+
         Numpy, not nested lists into torch.tensor: this runs on the host between two decode
-        steps (CUDA-graph replays), where the list version cost more than a small batch's attention."""
+        steps (CUDA-graph replays), where the list version cost more than a small batch's attention;
+        columns are built as lists and written at once (per-element numpy writes cost ~0.5 us each)."""
         n = len(seqs)
         host = out if out is not None else np.empty(rows * (width + 4), dtype=np.int64)
         tables = host[:rows * width].reshape(rows, width)
         cols = host[rows * width:].reshape(4, rows)
-        tables[:] = NULL_PAGE
-        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * self.page_size]])
+        if written is None:
+            tables[:] = NULL_PAGE
+            written = [None] * rows
+        ids, positions, slots = [], [], []
         for i, s in enumerate(seqs):
             pos = s.num_cached
-            cols[:, i] = (s.token_at(pos), pos, pos + 1, self._slots(s.pages, (pos,))[0])
-            tables[i, :len(s.pages)] = s.pages
+            pages = s.pages
+            ids.append(s.token_at(pos))
+            positions.append(pos)
+            slots.append(self._slots(pages, (pos,))[0])
+            held, k = written[i], len(pages)
+            if held is None or held[0] is not pages or held[1] > k:
+                tables[i, :k] = pages
+                if held is not None:
+                    tables[i, k:] = NULL_PAGE
+            elif held[1] < k:
+                tables[i, held[1]:k] = pages[held[1]:]
+            written[i] = (pages, k)
+        for i in range(n, rows):
+            if written[i] is not None:
+                tables[i] = NULL_PAGE
+                written[i] = None
+        if n:
+            cols[:, :n] = (ids, positions, [p + 1 for p in positions], slots)
+        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * self.page_size]])
         return host
 
     @staticmethod

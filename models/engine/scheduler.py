@@ -32,9 +32,10 @@ class Sequence:
     max_tokens: int                      # params.max_tokens capped by the context length
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # grows in place; released: replaced by a new list
     num_cached: int = 0                  # tokens whose K/V are in the pages
     preemptions: int = 0
+    stop_ids: frozenset[int] = frozenset()  # stop tokens and EOS (unless ignore_eos), set once by the engine
 
     @property
     def tokens(self) -> list[int]:
@@ -89,16 +90,24 @@ class Scheduler:
         self._admit()
         plan = StepPlan([], [], [])
         in_step: set[int] = set()
-        for seq in [s for s in self.running if s.num_uncached == 1]:
-            if seq in self.running and self._grow(seq, 1, in_step, plan):
+        decoding, prefilling = [], []
+        for seq in self.running:
+            uncached = seq.num_uncached
+            if uncached == 1:
+                decoding.append(seq)
+            elif uncached > 1:
+                prefilling.append(seq)
+        # a sequence leaves `running` during scheduling only by preemption (then it is in plan.preempted)
+        for seq in decoding:
+            if seq not in plan.preempted and self._grow(seq, 1, in_step, plan):
                 plan.decodes.append(seq)
                 in_step.add(id(seq))
         budget = self.max_prefill_tokens
-        for seq in [s for s in self.running if s.num_uncached > 1]:
+        for seq in prefilling:
             if budget <= 0:
                 break
             n = min(seq.num_uncached, budget)
-            if seq in self.running and self._grow(seq, n, in_step, plan):
+            if seq not in plan.preempted and self._grow(seq, n, in_step, plan):
                 plan.prefills.append((seq, n))
                 in_step.add(id(seq))
                 budget -= n
