@@ -36,6 +36,7 @@ class Sequence:
     num_cached: int = 0                  # tokens whose K/V are in the pages
     preemptions: int = 0
     stop_ids: frozenset[int] = frozenset()  # stop tokens and EOS (unless ignore_eos), set once by the engine
+    finished: bool = False               # finished or aborted: no more tokens (a pending step's row is discarded)
 
     @property
     def tokens(self) -> list[int]:
@@ -121,10 +122,22 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
 
+    def pages_needed(self, seq: Sequence, n: int) -> int:
+        """New pages `seq` needs for n more tokens."""
+        return pages_for(seq.num_cached + n, self.page_size) - len(seq.pages)
+
+    def grow_decodes(self, seqs: list[Sequence]) -> None:
+        """Pages for one more token each, which the caller made sure are free (an overlapped decode
+        step: the synchronous schedule of the same step, which would preempt nothing)."""
+        for seq in seqs:
+            need = self.pages_needed(seq, 1)
+            if need > 0:
+                seq.pages.extend(self.allocator.allocate(need))
+
     def _grow(self, seq: Sequence, n: int, in_step: set[int], plan: StepPlan) -> bool:
         """Give `seq` pages for n more tokens, preempting younger sequences if needed.
         False: it must wait (only younger work is in this step, or nothing to preempt)."""
-        need = pages_for(seq.num_cached + n, self.page_size) - len(seq.pages)
+        need = self.pages_needed(seq, n)
         while need > self.allocator.num_free:
             victims = [s for s in reversed(self.running) if id(s) not in in_step]
             if not victims or victims[0] is seq:
