@@ -1,7 +1,7 @@
 """End-to-end serving throughput: fp16 vs fp8 vs atom modes of models/engine, side by side.
 
     python -m bench.e2e [--models llama-7b llama-3-8b] [--modes fp16 fp8 atom] [--batch 16 64 128 256]
-                        [--input 1024] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs]
+                        [--input 1024] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs] [--overlap on|off]
                         [--prefill-tokens 8192] [--device cuda] [--out bench/results] [--tag h100] [--profile N]
 
 Each model is built from its config (models.config presets or an HF config.json) with random
@@ -17,6 +17,8 @@ tokens/s and per-step latency after the last prefill, time to first token of the
 many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
 hold about 3.5x more than fp16 pages). The engine's max_batch is the smaller of `batch` and what the
 budget holds at full length (the rest queue), so no mode thrashes on preemption.
+`--overlap off` (with `--cuda-graphs`, where it is on by default) measures the synchronous decode step,
+whose host work leaves the GPU idle; `on` also runs it without graphs (models/engine/overlap.py).
 `--layers N` keeps only the first N decoder layers of the random-weight models (to fit or to save
 time; stated in the JSON). `default` is the shipped SmolLM2 with its real weights, all layers.
 `--profile N` also runs one packed prefill step and N decode steps at `--profile-batch` (no CUDA
@@ -100,11 +102,11 @@ def sync(device):
 
 
 def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int, cuda_graphs: bool,
-              device: torch.device, seed: int, prefill_tokens: int) -> dict:
+              device: torch.device, seed: int, prefill_tokens: int, overlap: bool | None = None) -> dict:
     from models.engine import Engine, EngineConfig, SamplingParams
     from models.engine.kv_cache import page_bytes, pages_for
     cfg = EngineConfig(max_context=input_len + output_len, kv_cache_bytes=kv_bytes, cuda_graphs=cuda_graphs,
-                       max_prefill_tokens=prefill_tokens)
+                       max_prefill_tokens=prefill_tokens, overlap_decode=overlap)
     per_seq = page_bytes(model, cfg.page_size, model.model.embed_tokens.weight.dtype) * pages_for(
         cfg.max_context, cfg.page_size)
     capacity = kv_bytes // per_seq                                      # full-length sequences at this budget
@@ -151,7 +153,7 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
             "step_ms": 1e3 * decode_time / max(steps_after, 1), "ttft_s": first_token,
             "prefill_phase_s": prefill_done - started if prefill_done else None,
             "kv_format": engine.kv_format, "kv_fit_sequences": fit, "kv_capacity_sequences": capacity,
-            "preemptions": engine.stats["preemptions"]}
+            "preemptions": engine.stats["preemptions"], "overlapped_steps": engine.stats["overlapped_steps"]}
 
 
 def profile_steps(model, mode: str, batch: int, input_len: int, kv_bytes: int, steps: int, seed: int,
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-gib", type=float, default=30.0, help="KV cache budget per engine (GiB)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps (GPU)")
+    p.add_argument("--overlap", choices=("on", "off"), default=None,
+                   help="greedy decode steps one step late (models/engine/overlap.py); default: with --cuda-graphs")
     p.add_argument("--prefill-tokens", type=int, default=8192, help="prompt tokens per engine step (packed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -235,10 +239,11 @@ def main(argv=None) -> int:
             for batch in args.batch:
                 case = {"model": name, "layers": model.config.num_hidden_layers, "batch": batch, "input": args.input,
                         "output": args.output, "kv_gib": args.kv_gib, "cuda_graphs": args.cuda_graphs,
-                        "prefill_tokens": args.prefill_tokens}
+                        "prefill_tokens": args.prefill_tokens, "overlap": args.overlap}
                 try:
                     r = run_batch(model, batch, args.input, args.output, int(args.kv_gib * 2**30), args.cuda_graphs,
-                                  device, args.seed, args.prefill_tokens)
+                                  device, args.seed, args.prefill_tokens,
+                                  None if args.overlap is None else args.overlap == "on")
                 except (ValueError, RuntimeError, torch.cuda.OutOfMemoryError) as e:
                     r = {"error": str(e).splitlines()[0][:200]}
                 rows.append({"case": case, "impl": mode, **r})

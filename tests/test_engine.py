@@ -1,6 +1,7 @@
 """The serving engine on a tiny random Llama (CPU): paged attention against the plain forward,
 continuous batching against one-at-a-time decoding (float and KV4 pages), page exhaustion,
-request errors, sampling, stop tokens; `gpu` tests for the three modes and CUDA graphs."""
+request errors, sampling, stop tokens, overlapped (one step late) decoding against the synchronous
+engine; `gpu` tests for the three modes, CUDA graphs and overlapped graph decode."""
 
 from __future__ import annotations
 
@@ -105,14 +106,51 @@ def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: fl
             close(row, ref)
 
 
+def test_decode_host_row_cache_matches_a_fresh_build(tiny_config):
+    """decode_host into a persistent buffer with its `written` record (what DecodeGraphs does) gives the
+    same array as a fresh build, through pages growing, rows changing hands, released and re-allocated
+    page lists, and the batch shrinking and growing."""
+    import numpy as np
+
+    engine = Engine(random_model(tiny_config), EngineConfig(page_size=4, max_context=64, max_batch=4))
+    runner, alloc, rows, width = engine.runner, engine.allocator, 4, engine.pages_per_seq
+    seqs = [Sequence(f"s{i}", list(range(1, 3 + 3 * i)), SamplingParams(), 32, None) for i in range(4)]
+    for s in seqs:
+        s.pages = alloc.allocate(pages_for(s.num_tokens, 4))
+        s.num_cached = s.num_tokens - 1
+    out, written = np.full(rows * (width + 5), 7, dtype=np.int64), [None] * rows
+    out[:rows * width] = 0  # the null page, as DecodeGraphs initialises its pinned buffer
+
+    def check(batch):
+        got = runner.decode_host(batch, rows, width, out=out, written=written).copy()
+        assert np.array_equal(got, runner.decode_host(batch, rows, width))
+
+    check(seqs)
+    for step in range(6):  # every sequence grows by one token (a new page every 4)
+        for s in seqs:
+            s.output_ids.append(step)
+            s.num_cached += 1
+            s.pages.extend(alloc.allocate(pages_for(s.num_cached + 1, 4) - len(s.pages)))
+        check(seqs)
+    check(seqs[1:])                      # a row finished: the others move up
+    check([seqs[3], seqs[1]])
+    alloc.free(seqs[1].pages)            # released and given other pages, as many
+    held = alloc.allocate(1)
+    seqs[1].pages = alloc.allocate(len(seqs[1].pages))
+    alloc.free(held)
+    check([seqs[3], seqs[1]])
+    check(seqs)
+
+
 # ------------------------------------------------------------------------ continuous batching
 
-@pytest.mark.parametrize("static_shapes", [False, True], ids=["eager", "graph_shapes"])
+@pytest.mark.parametrize("static_shapes", [False, True, "overlap"], ids=["eager", "graph_shapes", "overlap"])
 @pytest.mark.parametrize("kv_format", KV_FORMATS)
 def test_continuous_batching_matches_one_at_a_time(tiny_config, kv_format, static_shapes):
     model = random_model(tiny_config, kv_format)
     config = EngineConfig(max_batch=3, page_size=4, max_context=64, max_prefill_tokens=6,
-                          static_decode_shapes=static_shapes, graph_buckets=(1, 2, 4))
+                          static_decode_shapes=static_shapes is True, graph_buckets=(1, 2, 4),
+                          overlap_decode=static_shapes == "overlap")
     ps, params = prompts(tiny_config.vocab_size), SamplingParams(max_tokens=9)
     expected = one_at_a_time(model, config, ps, params)
     if kv_format == "float":  # and the cache changes nothing: same as recomputing every step
@@ -129,6 +167,7 @@ def test_continuous_batching_matches_one_at_a_time(tiny_config, kv_format, stati
         max_running = max(max_running, engine.num_running)
     assert max_running == 3  # really batched (and capped by max_batch)
     assert [got[i] for i in ids] == expected
+    assert (engine.stats["overlapped_steps"] > 0) == (static_shapes == "overlap")
     assert engine.allocator.num_free == engine.allocator.capacity  # finished requests freed their pages
 
 
@@ -215,6 +254,115 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_config):
     greedy = engine.generate(ps[:1], SamplingParams(max_tokens=10))[0].token_ids
     other_seed = engine.generate(ps[:1], dataclasses.replace(sampled[0], seed=99))[0].token_ids
     assert batched[0] != greedy or other_seed != batched[0]  # sampling really samples
+
+
+# ------------------------------------------------------------- overlapped decode (overlap.py)
+
+def run_engine(engine, arrivals: dict, abort_at: dict | None = None):
+    """Step `engine` until idle, adding arrivals[k] = [(request id, prompt, params), ...] and aborting
+    abort_at[k] = [request id, ...] before the k-th step -> ({request id: [output fields, ...]}, the
+    rows each decode row ran with {(request id, position): rows})."""
+    shapes, decode = {}, engine._decode
+
+    def recorded(seqs, feed=None):
+        for seq in seqs:
+            shapes[(seq.request_id, seq.num_cached)] = engine._decode_rows(len(seqs))
+        return decode(seqs, feed)
+
+    engine._decode = recorded
+    outs, k = {}, 0
+    while k <= max(arrivals, default=0) or engine.has_work():
+        for rid, prompt, params in arrivals.get(k, []):
+            engine.add_request(prompt, params, request_id=rid)
+        for rid in (abort_at or {}).get(k, []):
+            assert engine.abort(rid)
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(
+                (o.new_token_ids, o.finished, o.finish_reason, o.error, o.prompt_tokens, o.completion_tokens))
+        k += 1
+    assert engine.allocator.num_free == engine.allocator.capacity
+    return outs, shapes
+
+
+def overlap_and_reference(model, config: EngineConfig, arrivals: dict, eos=(), abort_at=None):
+    """The same requests through the synchronous engine at the same decode shapes and through the
+    overlapped one: every request's outputs are equal, and every kept token was computed at the decode
+    shape the synchronous engine used (extra keys: discarded rows). -> the overlapped engine."""
+    sync = Engine(model, dataclasses.replace(config, static_decode_shapes=True, overlap_decode=False), eos)
+    over = Engine(model, dataclasses.replace(config, overlap_decode=True), eos)
+    (want, want_shapes), (got, got_shapes) = run_engine(sync, arrivals, abort_at), run_engine(over, arrivals, abort_at)
+    aborted = {rid for rids in (abort_at or {}).values() for rid in rids}
+    assert {r: o for r, o in got.items() if r not in aborted} == {r: o for r, o in want.items() if r not in aborted}
+    for rid in aborted:  # a pending step's token is dropped when its request is aborted
+        assert got.get(rid, []) == want.get(rid, [])[:len(got.get(rid, []))]
+    assert {key: got_shapes[key] for key in want_shapes} == want_shapes
+    if not aborted:  # (an aborted request's pending row is discarded too, and its token not counted)
+        assert len(got_shapes) - len(want_shapes) == over.stats["discarded_rows"]
+        assert over.stats["decode_tokens"] == sync.stats["decode_tokens"]
+    assert sync.stats["overlapped_steps"] == 0
+    assert (over.stats["prefill_tokens"], over.stats["preemptions"]) == (sync.stats["prefill_tokens"],
+                                                                         sync.stats["preemptions"])
+    return over
+
+
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_overlapped_decode_matches_the_synchronous_engine(tiny_config, kv_format):
+    """Stop tokens, EOS (and ignore_eos), max_tokens, a request arriving mid-run and a sampled one:
+    the overlapped engine's outputs equal the synchronous engine's, through its three paths: rows of
+    stopped sequences discarded, a step redone when dropping them changes the bucket, and the
+    synchronous fallback (arrivals, sampling)."""
+    model = random_model(tiny_config, kv_format)
+    over = overlap_scenario(model, EngineConfig(max_batch=4, page_size=4, max_context=64, graph_buckets=(1, 2, 4)))
+    assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] > 0 and over.stats["redone_steps"] > 0
+
+
+def overlap_scenario(model, config: EngineConfig):
+    """overlap_and_reference with stop tokens, EOS, max_tokens, ignore_eos (picked from a free run so
+    that they stop at various steps), a request arriving mid-run and a sampled one."""
+    ps = prompts(model.config.vocab_size, (5, 11, 3, 8, 6, 9))
+    free = [c.token_ids for c in Engine(model, config).generate(ps, SamplingParams(max_tokens=14, ignore_eos=True))]
+    params = [SamplingParams(max_tokens=14, stop_token_ids=(free[0][3],)),
+              SamplingParams(max_tokens=14, stop_token_ids=(free[1][6], free[1][9])),
+              SamplingParams(max_tokens=5),
+              SamplingParams(max_tokens=14),  # stops at EOS
+              SamplingParams(max_tokens=10, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3)]
+    reqs = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]
+    return overlap_and_reference(model, config, {0: reqs[:4], 9: reqs[4:5], 14: reqs[5:]}, eos=[free[3][4]])
+
+
+def test_overlapped_decode_under_page_exhaustion_and_aborts(tiny_config):
+    """Preemption (a pool of about one and a half sequences) and aborts of sequences with a pending
+    step: the same outputs as the synchronous engine, every page back."""
+    model = random_model(tiny_config)
+    ps = prompts(tiny_config.vocab_size, (6, 9, 4, 12))
+    reqs = [(f"r{i}", p, SamplingParams(max_tokens=20)) for i, p in enumerate(ps)]
+    over = overlap_and_reference(model, EngineConfig(max_batch=4, page_size=4, max_context=32, num_pages=13),
+                                 {0: reqs})
+    assert over.stats["preemptions"] > 0 and over.stats["overlapped_steps"] > 0
+    config = EngineConfig(max_batch=4, page_size=4, max_context=64, graph_buckets=(1, 2, 4))
+    over = overlap_and_reference(model, config, {0: reqs}, abort_at={6: ["r1"], 8: ["r0", "r3"]})
+    assert over.stats["discarded_rows"] >= 3
+
+
+def test_overlapped_decode_step_failure_fails_its_requests(tiny_config, monkeypatch):
+    """A decode that raises while a step is pending fails the requests of both steps; the engine goes on."""
+    model = random_model(tiny_config)
+    engine = Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=4, overlap_decode=True))
+    ps = prompts(tiny_config.vocab_size, (5, 7))
+    for p in ps:
+        engine.add_request(p, SamplingParams(max_tokens=10))
+    outs = engine.step() + engine.step() + engine.step()  # prefill, then a pending decode step
+    assert engine._pending is not None and all(not o.finished for o in outs)
+    monkeypatch.setattr(engine.runner, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    failed = engine.step()
+    assert sorted(o.request_id for o in failed) == ["req-0", "req-1"]
+    assert all(o.finish_reason == "error" and "boom" in o.error for o in failed)
+    assert not engine.has_work() and engine._pending is None
+    assert engine.allocator.num_free == engine.allocator.capacity
+    monkeypatch.undo()
+    alone = Engine(model, EngineConfig(page_size=4, max_context=64)).generate(ps[:1], SamplingParams(max_tokens=6))
+    assert engine.generate(ps[:1], SamplingParams(max_tokens=6))[0].token_ids == alone[0].token_ids
 
 
 # ------------------------------------------------------------------------ atom / fp8 modes
@@ -367,6 +515,21 @@ def test_gpu_fp16_batching_and_cuda_graphs(tiny_config, kv_format):
     # a replayed graph runs the same kernels on the same shapes as the padded eager step
     for e, a, b, c in zip(expected, eager, padded, graphed):
         assert e[:4] == a[:4] == b[:4] and b == c
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_gpu_overlapped_graph_decode_matches_the_synchronous_graphs(tiny_config, kv_format):
+    """CUDA-graph decode one step late (input ids gathered on the device from the previous step's argmax,
+    tokens read back through pinned memory after the next step is queued): exactly the synchronous graph
+    engine's outputs, each kept token computed at the same graph bucket (overlap_and_reference)."""
+    model = _to_cuda_half(random_model(tiny_config, kv_format))
+    config = EngineConfig(max_batch=4, page_size=16, max_context=128, graph_buckets=(1, 2, 4), cuda_graphs=True)
+    over = overlap_scenario(model, config)
+    print(over.stats)
+    assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] > 0
+    assert Engine(model, config).overlap  # on by default with graphs
 
 
 @pytest.mark.gpu

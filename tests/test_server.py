@@ -3,6 +3,7 @@ completions, chat, streaming, malformed / oversized requests, a full queue, clie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -56,9 +57,11 @@ def tok():
     return byte_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def served(model, tok):
-    engine = Engine(model, ENGINE)  # no EOS: random weights would stop at random places
+@pytest.fixture(scope="module", params=["sync", "overlap"])
+def served(model, tok, request):
+    """The server on the synchronous engine, and on overlapped greedy decoding (outputs one step late)."""
+    config = dataclasses.replace(ENGINE, overlap_decode=request.param == "overlap")
+    engine = Engine(model, config)  # no EOS: random weights would stop at random places
     loop = EngineLoop(engine, max_queue=8).start()
     url, stop = start_server(create_app(loop, tok, "tiny"))
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -106,6 +109,7 @@ def test_completion(served, model, tok):
     assert ids.json()["choices"][0]["text"] == choice["text"]
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     assert_idle(engine)
+    assert (engine.stats["overlapped_steps"] > 0) == engine.overlap
 
 
 def test_chat(served, model, tok):

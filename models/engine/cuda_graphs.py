@@ -5,7 +5,8 @@ removes it. Each bucket B captures `ModelRunner.forward` on static input buffers
 [B, 1] with a full-width block table [B, max_pages_per_seq], all views of one flat buffer; a
 batch of n <= B sequences is written into its pinned host twin, padded with null rows
 (ModelRunner.decode_host), copied with one host-to-device copy, and replayed.
-Sampling stays outside the graph.
+Sampling stays outside the graph. An overlapped step (overlap.py) takes its input ids from the
+previous step's argmax on the device: one gather between the copy and the replay.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from ..llama import rope_type
 from .attention import PagedBatch
+from .kv_cache import NULL_PAGE
 from .runner import ModelRunner
 from .scheduler import Sequence
 
@@ -34,7 +36,8 @@ class DecodeGraphs:
         check_graphable(runner)
         self.runner = runner
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
-        # rows -> (graph, flat device inputs, pinned host twin, event after its last copy, logits)
+        # rows -> (graph, pinned host twin of the inputs, what its table rows hold (decode_host),
+        #          event after its last copy, flat device inputs, their ids and src views, logits)
         self.graphs: dict[int, tuple] = {}
         self.pool = None
 
@@ -46,10 +49,11 @@ class DecodeGraphs:
             # One flat buffer for all inputs (ModelRunner.decode_host's layout): a step refills it
             # with one host-to-device copy from a pinned twin.
             width = r.max_pages_per_seq
-            flat = torch.zeros(rows * (width + 4), dtype=torch.int64, device=r.device)
-            ids, positions, tables, lens, slots = r.split_decode_inputs(flat, rows, width)
+            flat = torch.zeros(rows * (width + 5), dtype=torch.int64, device=r.device)
+            ids, positions, tables, lens, slots, src = r.split_decode_inputs(flat, rows, width)
             lens.fill_(1)
-            pinned = torch.empty(flat.shape, dtype=torch.int64, pin_memory=True)
+            pinned = torch.full(flat.shape, NULL_PAGE, dtype=torch.int64, pin_memory=True)
+            written = [None] * rows  # decode_host's record of pinned's table rows: all null
             batch = PagedBatch(r.pages, tables, lens, slots)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -61,7 +65,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = r.forward(ids, positions, batch)
             self.pool = graph.pool()
-            self.graphs[rows] = (graph, flat, pinned, torch.cuda.Event(), logits)
+            self.graphs[rows] = (graph, pinned, written, torch.cuda.Event(), flat, ids, src, logits)
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -70,12 +74,18 @@ class DecodeGraphs:
         raise ValueError(f"decode batch {n} exceeds the largest captured bucket {self.buckets[-1]}")
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> Tensor:
+    def decode(self, seqs: list[Sequence], feed: tuple[Tensor, list[int]] | None = None) -> Tensor:
+        """Replay the bucket's graph for seqs -> logits [len(seqs), vocab] (a view of the graph's
+        output: read it before the next replay of this bucket). feed = (tokens, src): as
+        ModelRunner.decode, gathered on the device after the copy, before the replay."""
         rows = self.bucket_for(len(seqs))
-        graph, flat, pinned, copied, logits = self.graphs[rows]
+        graph, pinned, written, copied, flat, ids, src, logits = self.graphs[rows]
         copied.synchronize()  # the previous step's copy out of the pinned buffer is done
-        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=pinned.numpy())
+        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=pinned.numpy(), written=written,
+                                src=feed[1] if feed else None)
         flat.copy_(pinned, non_blocking=True)
         copied.record()
+        if feed is not None:
+            self.runner.feed_input_ids(ids, src, len(seqs), feed[0])
         graph.replay()
         return logits[: len(seqs)]

@@ -9,6 +9,10 @@ Requests may be added between any two steps (continuous batching). A request the
 cannot serve raises RequestError from add_request and leaves the engine untouched; a failure
 inside a step fails the requests of that step with the message and frees their pages, and the
 engine goes on. EngineLoop (loop.py) runs this in a background thread for the server.
+
+With overlap_decode (on by default with cuda_graphs), greedy decode steps run one step late: a
+step launches the next decode on the device before reading the previous one's tokens, so its
+outputs come from the next step() call, the same outputs as without it (overlap.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..llama import rope_type
 from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
 from .fused_layers import fuse_atom_layers
 from .kv_cache import PageAllocator, make_pages, page_bytes, pages_for
+from .overlap import PLACEHOLDER, PendingDecode, TokenReadback
 from .runner import ModelRunner
 from .sampling import RequestError, SamplingParams, make_generator, sample_batch
 from .scheduler import Scheduler, Sequence
@@ -41,6 +46,8 @@ class EngineConfig:
     cuda_graphs: bool = False             # capture decode steps per batch bucket (GPU only)
     graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     static_decode_shapes: bool = False    # pad decode like the graphs do, without capturing (tests)
+    overlap_decode: bool | None = None    # greedy decode steps one step late (overlap.py); None: with
+                                          # cuda_graphs. Without graphs it pads like static_decode_shapes
     fuse_atom_layers: bool = True         # fp16/bf16 Atom models: regrouped layers (fused_layers.py)
 
     def __post_init__(self):
@@ -99,9 +106,15 @@ class Engine:
         if config.cuda_graphs:
             self.graphs = DecodeGraphs(self.runner, config.max_batch, config.graph_buckets)
             self.graphs.capture()
+        self.overlap = config.cuda_graphs if config.overlap_decode is None else config.overlap_decode
+        self._readback = TokenReadback(self.device, config.max_batch)
+        self._pending: PendingDecode | None = None  # a launched decode step whose tokens are not read yet
         self.eos_token_ids = frozenset(t for t in eos_token_ids if t is not None)
         self._ids = itertools.count()
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0,
+                      # overlap.py: steps launched before the previous one's tokens were read, rows of
+                      # finished (stopped, aborted) sequences dropped from them, steps redone at another shape
+                      "overlapped_steps": 0, "discarded_rows": 0, "redone_steps": 0}
 
     @property
     def kv_format(self) -> str:
@@ -135,7 +148,9 @@ class Engine:
         if self.scheduler.find(request_id) is not None:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = min(params.max_tokens, self.max_context - len(prompt_ids))
-        self.scheduler.add(Sequence(request_id, list(prompt_ids), params, max_tokens, make_generator(params)))
+        seq = Sequence(request_id, list(prompt_ids), params, max_tokens, make_generator(params))
+        seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -143,6 +158,7 @@ class Engine:
         seq = self.scheduler.find(request_id)
         if seq is None:
             return False
+        seq.finished = True  # a pending step's token for it is dropped
         self.scheduler.remove(seq)
         return True
 
@@ -160,11 +176,29 @@ class Engine:
     # ------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        """Run one step; returns what it produced. With overlap_decode, a greedy decode step's
+        outputs come from the next call instead (overlap.py)."""
         self.stats["steps"] += 1
+        pending, self._pending = self._pending, None
+        outputs: list[RequestOutput] = []
+        if pending is not None:
+            try:
+                nxt = self._continue_with(pending)
+                if nxt:
+                    return self._overlapped_step(pending, nxt)
+                outputs = self._resolve(pending)  # the finish checks before the next schedule
+            except Exception as e:  # noqa: BLE001 - as in _sync_step
+                return self._fail(pending.seqs, e)
+        return outputs + self._sync_step()
+
+    def _sync_step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
         self.stats["preemptions"] += len(plan.preempted)
         sampled: list[Sequence] = []
         try:
+            if plan.decodes and not plan.prefills and self._overlappable(plan.decodes):
+                self._pending = self._launch_decode(plan.decodes)  # its outputs: next step
+                return []
             if plan.decodes:
                 logits = self._decode(plan.decodes)
                 for seq in plan.decodes:
@@ -180,20 +214,36 @@ class Engine:
                 if done:  # whole prompts are in: their first new tokens
                     sampled += self._sample([plan.prefills[i][0] for i in done], logits[done])
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
-            failed = plan.decodes + [s for s, _ in plan.prefills]
-            for seq in failed:
-                self.scheduler.remove(seq)
-            return [RequestOutput(s.request_id, [], True, "error", f"{type(e).__name__}: {e}",
-                                  len(s.prompt_ids), len(s.output_ids)) for s in failed]
+            self._pending = None
+            return self._fail(plan.decodes + [s for s, _ in plan.prefills], e)
         return [self._finish_check(seq) for seq in sampled]
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _fail(self, seqs: list[Sequence], e: Exception) -> list[RequestOutput]:
+        failed = [s for s in seqs if not s.finished]
+        for seq in failed:
+            seq.finished = True
+            self.scheduler.remove(seq)
+            while seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:  # tokens of steps never read
+                seq.output_ids.pop()
+        return [RequestOutput(s.request_id, [], True, "error", f"{type(e).__name__}: {e}",
+                              len(s.prompt_ids), len(s.output_ids)) for s in failed]
+
+    def _decode_rows(self, n: int) -> int:
+        """The rows a decode step of n sequences runs with (its graph bucket, or n when unpadded)."""
         if self.graphs is not None:
-            return self.graphs.decode(seqs)
-        if self.config.static_decode_shapes:
-            rows = next((b for b in sorted(self.config.graph_buckets) if b >= len(seqs)), len(seqs))
-            return self.runner.decode(seqs, rows=rows, full_width=True)
-        return self.runner.decode(seqs)
+            return self.graphs.bucket_for(n)
+        if self.config.static_decode_shapes or self.overlap:
+            return next((b for b in sorted(self.config.graph_buckets) if b >= n), n)
+        return n
+
+    def _decode(self, seqs: list[Sequence], feed=None) -> torch.Tensor:
+        """Logits [len(seqs), vocab]; feed = (device tokens, src rows) as in ModelRunner.decode."""
+        if self.graphs is not None:
+            return self.graphs.decode(seqs, feed)
+        rows = self._decode_rows(len(seqs))
+        if self.config.static_decode_shapes or self.overlap:
+            return self.runner.decode(seqs, rows=rows, full_width=True, feed=feed)
+        return self.runner.decode(seqs, feed=feed)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -201,19 +251,83 @@ class Engine:
             seq.output_ids.append(tok)
         return seqs
 
-    def _finish_check(self, seq: Sequence) -> RequestOutput:
-        tok = seq.output_ids[-1]
-        stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_token_ids)
-        out = RequestOutput(seq.request_id, [tok], prompt_tokens=len(seq.prompt_ids))
-        if tok in stops:
-            seq.output_ids.pop()  # the stop token is not part of the completion
-            out.new_token_ids, out.finished, out.finish_reason = [], True, "stop"
-        elif len(seq.output_ids) >= seq.max_tokens:
+    def _finish_check(self, seq: Sequence, i: int | None = None) -> RequestOutput:
+        """Finish checks of the token output_ids[i]: the last one, or a pending step's (overlap.py),
+        which may have the next step's placeholder after it."""
+        if i is None:
+            i = len(seq.output_ids) - 1
+        tok = seq.output_ids[i]
+        out = RequestOutput(seq.request_id, [tok], prompt_tokens=len(seq.prompt_ids), completion_tokens=i + 1)
+        if tok in seq.stop_ids:
+            del seq.output_ids[i:]  # the stop token is not part of the completion (nor a later placeholder)
+            out.new_token_ids, out.finished, out.finish_reason, out.completion_tokens = [], True, "stop", i
+        elif i + 1 >= seq.max_tokens:
             out.finished, out.finish_reason = True, "length"
         if out.finished:
+            seq.finished = True
             self.scheduler.remove(seq)
-        out.completion_tokens = len(seq.output_ids)
         return out
+
+    # ------------------------------------------------- overlapped decode (overlap.py)
+
+    def _overlappable(self, seqs: list[Sequence]) -> bool:
+        return self.overlap and all(s.params.temperature <= 0 for s in seqs)
+
+    def _launch_decode(self, seqs: list[Sequence], prev: PendingDecode | None = None) -> PendingDecode:
+        """Queue a greedy decode step and the copy of its tokens to the host, without waiting. With
+        `prev` (the pending step that contains every one of seqs), the input ids are prev's tokens."""
+        feed = None
+        if prev is not None:
+            row = {id(s): i for i, s in enumerate(prev.seqs)}
+            feed = (prev.tokens, [row[id(s)] for s in seqs])
+        tokens = self._decode(seqs, feed).argmax(dim=-1)  # the same argmax as sample_batch's greedy rows
+        host, ready = self._readback.start(tokens)
+        index = []
+        for seq in seqs:
+            seq.num_cached += 1
+            index.append(len(seq.output_ids))
+            seq.output_ids.append(PLACEHOLDER)
+        return PendingDecode(seqs, index, tokens, host, ready)
+
+    def _continue_with(self, pending: PendingDecode) -> list[Sequence] | None:
+        """The sequences of the next decode step, if it can be launched before `pending`'s tokens
+        are known: what the synchronous engine's schedule would decode next, unless some sequence
+        stops at `pending`'s step. None: resolve `pending` first."""
+        if self.scheduler.waiting:      # admission depends on who finishes
+            return None
+        live = [s for s in pending.seqs if not s.finished]
+        if len(live) != len(self.scheduler.running):  # a running sequence is prefilling or waits for pages
+            return None
+        nxt = [s for s in live if len(s.output_ids) < s.max_tokens]  # the others end by length
+        if not nxt or sum(self.scheduler.pages_needed(s, 1) for s in nxt) > self.allocator.num_free:
+            return None                 # nothing to decode, or the schedule would preempt
+        return nxt
+
+    def _overlapped_step(self, pending: PendingDecode, nxt: list[Sequence]) -> list[RequestOutput]:
+        self.scheduler.grow_decodes(nxt)
+        launched = self._launch_decode(nxt, pending)
+        self.stats["overlapped_steps"] += 1
+        outputs = self._resolve(pending)  # waits for pending's tokens while the device runs `launched`
+        stopped = sum(s.finished for s in nxt)
+        if stopped and self._decode_rows(len(nxt) - stopped) != self._decode_rows(len(nxt)):
+            launched.rollback()  # the synchronous engine runs this step at another shape: redo it next
+            self.stats["redone_steps"] += 1
+            self.stats["discarded_rows"] += stopped
+        else:
+            self._pending = launched
+        return outputs
+
+    def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
+        """Read `pending`'s tokens (waits for its step) into its placeholders; finish checks."""
+        outputs = []
+        for seq, i, tok in zip(pending.seqs, pending.index, pending.token_list()):
+            if seq.finished:  # stopped at the step before (this row is the extra one), or aborted
+                self.stats["discarded_rows"] += 1
+                continue
+            seq.output_ids[i] = tok
+            outputs.append(self._finish_check(seq, i))
+        self.stats["decode_tokens"] += len(outputs)
+        return outputs
 
     # ------------------------------------------------------------ convenience
 

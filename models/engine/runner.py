@@ -59,46 +59,85 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- decode
 
-    def decode_host(self, seqs: list[Sequence], rows: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    def decode_host(self, seqs: list[Sequence], rows: int, width: int, out: np.ndarray | None = None,
+                    written: list | None = None, src: list[int] | None = None) -> np.ndarray:
         """One decode step's inputs as one flat int64 host array: block tables [rows, width], then
-        input ids, positions, context lengths and slots [rows] each (split_decode_inputs views it).
-        Rows past len(seqs) are null rows (token 0 at position 0 in the null page).
+        input ids, positions, context lengths, slots and source rows [rows] each (split_decode_inputs
+        views it). Rows past len(seqs) are null rows (token 0 at position 0 in the null page).
+        `src` (overlapped decode, overlap.py): the row of each sequence in the previous step, whose
+        device-side token becomes its input id (feed_input_ids); its host input id is then a placeholder.
+
+        `written` (with a persistent `out`, DecodeGraphs): what each row of out's block tables holds
+        from earlier calls, (pages list, its length) or None for a null row; rows whose sequence and
+        page count did not change are not rewritten. Sound because a sequence's page list only grows
+        in place, and releasing its pages replaces the list (Sequence.pages).
 
         Numpy, not nested lists into torch.tensor: this runs on the host between two decode
-        steps (CUDA-graph replays), where the list version cost more than a small batch's attention."""
+        steps (CUDA-graph replays), where the list version cost more than a small batch's attention;
+        columns are built as lists and written at once (per-element numpy writes cost ~0.5 us each)."""
         n = len(seqs)
-        host = out if out is not None else np.empty(rows * (width + 4), dtype=np.int64)
+        host = out if out is not None else np.empty(rows * (width + 5), dtype=np.int64)
         tables = host[:rows * width].reshape(rows, width)
-        cols = host[rows * width:].reshape(4, rows)
-        tables[:] = NULL_PAGE
-        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * self.page_size]])
+        cols = host[rows * width:].reshape(5, rows)
+        if written is None:
+            tables[:] = NULL_PAGE
+            written = [None] * rows
+        ids, positions, slots = [], [], []
         for i, s in enumerate(seqs):
             pos = s.num_cached
-            cols[:, i] = (s.token_at(pos), pos, pos + 1, self._slots(s.pages, (pos,))[0])
-            tables[i, :len(s.pages)] = s.pages
+            pages = s.pages
+            ids.append(s.token_at(pos))
+            positions.append(pos)
+            slots.append(self._slots(pages, (pos,))[0])
+            held, k = written[i], len(pages)
+            if held is None or held[0] is not pages or held[1] > k:
+                tables[i, :k] = pages
+                if held is not None:
+                    tables[i, k:] = NULL_PAGE
+            elif held[1] < k:
+                tables[i, held[1]:k] = pages[held[1]:]
+            written[i] = (pages, k)
+        for i in range(n, rows):
+            if written[i] is not None:
+                tables[i] = NULL_PAGE
+                written[i] = None
+        if n:
+            cols[:, :n] = (ids, positions, [p + 1 for p in positions], slots, src if src is not None else [0] * n)
+        cols[:, n:] = np.array([[0], [0], [1], [NULL_PAGE * self.page_size], [0]])
         return host
 
     @staticmethod
     def split_decode_inputs(flat: Tensor, rows: int, width: int):
         """Views of a decode_host array (on any device): (input_ids [R, 1], positions [R, 1],
-        block_tables [R, W], context_lens [R], slots [R]), each contiguous."""
-        ids, positions, lens, slots = flat[rows * width:].view(4, rows)
-        return ids[:, None], positions[:, None], flat[:rows * width].view(rows, width), lens, slots
+        block_tables [R, W], context_lens [R], slots [R], source rows [R]), each contiguous."""
+        ids, positions, lens, slots, src = flat[rows * width:].view(5, rows)
+        return ids[:, None], positions[:, None], flat[:rows * width].view(rows, width), lens, slots, src
 
-    def decode_inputs(self, seqs: list[Sequence], rows: int | None = None, width: int | None = None):
+    @staticmethod
+    def feed_input_ids(ids: Tensor, src: Tensor, n: int, tokens: Tensor) -> None:
+        """ids[i] = tokens[src[i]] for the first n rows, on the device (no host round trip):
+        an overlapped decode step's input ids are the previous step's argmax (overlap.py)."""
+        torch.index_select(tokens, 0, src[:n], out=ids[:n, 0])
+
+    def decode_inputs(self, seqs: list[Sequence], rows: int | None = None, width: int | None = None,
+                      src: list[int] | None = None):
         """split_decode_inputs of one step on the device (one host-to-device copy). R = rows >=
         len(seqs) pads with null rows, W defaults to the widest table."""
         rows = rows or len(seqs)
         width = width or max(len(s.pages) for s in seqs)
-        flat = torch.from_numpy(self.decode_host(seqs, rows, width)).to(self.device)
+        flat = torch.from_numpy(self.decode_host(seqs, rows, width, src=src)).to(self.device)
         return self.split_decode_inputs(flat, rows, width)
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence], rows: int | None = None, full_width: bool = False) -> Tensor:
+    def decode(self, seqs: list[Sequence], rows: int | None = None, full_width: bool = False,
+               feed: tuple[Tensor, list[int]] | None = None) -> Tensor:
         """One token for each sequence -> logits [len(seqs), vocab]. rows / full_width pad the
-        batch to the fixed shapes of a CUDA graph bucket (null rows are dropped)."""
-        ids, positions, tables, lens, slots = self.decode_inputs(
-            seqs, rows, self.max_pages_per_seq if full_width else None)
+        batch to the fixed shapes of a CUDA graph bucket (null rows are dropped). feed = (tokens, src):
+        sequence i's input id is tokens[src[i]] (a device tensor: the previous step's argmax)."""
+        ids, positions, tables, lens, slots, src = self.decode_inputs(
+            seqs, rows, self.max_pages_per_seq if full_width else None, feed[1] if feed else None)
+        if feed is not None:
+            self.feed_input_ids(ids, src, len(seqs), feed[0])
         return self.forward(ids, positions, PagedBatch(self.pages, tables, lens, slots))[: len(seqs)]
 
     # ---------------------------------------------------------------- helpers

@@ -32,9 +32,11 @@ class Sequence:
     max_tokens: int                      # params.max_tokens capped by the context length
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # grows in place; released: replaced by a new list
     num_cached: int = 0                  # tokens whose K/V are in the pages
     preemptions: int = 0
+    stop_ids: frozenset[int] = frozenset()  # stop tokens and EOS (unless ignore_eos), set once by the engine
+    finished: bool = False               # finished or aborted: no more tokens (a pending step's row is discarded)
 
     @property
     def tokens(self) -> list[int]:
@@ -89,16 +91,24 @@ class Scheduler:
         self._admit()
         plan = StepPlan([], [], [])
         in_step: set[int] = set()
-        for seq in [s for s in self.running if s.num_uncached == 1]:
-            if seq in self.running and self._grow(seq, 1, in_step, plan):
+        decoding, prefilling = [], []
+        for seq in self.running:
+            uncached = seq.num_uncached
+            if uncached == 1:
+                decoding.append(seq)
+            elif uncached > 1:
+                prefilling.append(seq)
+        # a sequence leaves `running` during scheduling only by preemption (then it is in plan.preempted)
+        for seq in decoding:
+            if seq not in plan.preempted and self._grow(seq, 1, in_step, plan):
                 plan.decodes.append(seq)
                 in_step.add(id(seq))
         budget = self.max_prefill_tokens
-        for seq in [s for s in self.running if s.num_uncached > 1]:
+        for seq in prefilling:
             if budget <= 0:
                 break
             n = min(seq.num_uncached, budget)
-            if seq in self.running and self._grow(seq, n, in_step, plan):
+            if seq not in plan.preempted and self._grow(seq, n, in_step, plan):
                 plan.prefills.append((seq, n))
                 in_step.add(id(seq))
                 budget -= n
@@ -112,10 +122,22 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
 
+    def pages_needed(self, seq: Sequence, n: int) -> int:
+        """New pages `seq` needs for n more tokens."""
+        return pages_for(seq.num_cached + n, self.page_size) - len(seq.pages)
+
+    def grow_decodes(self, seqs: list[Sequence]) -> None:
+        """Pages for one more token each, which the caller made sure are free (an overlapped decode
+        step: the synchronous schedule of the same step, which would preempt nothing)."""
+        for seq in seqs:
+            need = self.pages_needed(seq, 1)
+            if need > 0:
+                seq.pages.extend(self.allocator.allocate(need))
+
     def _grow(self, seq: Sequence, n: int, in_step: set[int], plan: StepPlan) -> bool:
         """Give `seq` pages for n more tokens, preempting younger sequences if needed.
         False: it must wait (only younger work is in this step, or nothing to preempt)."""
-        need = pages_for(seq.num_cached + n, self.page_size) - len(seq.pages)
+        need = self.pages_needed(seq, n)
         while need > self.allocator.num_free:
             victims = [s for s in reversed(self.running) if id(s) not in in_step]
             if not victims or victims[0] is seq:
