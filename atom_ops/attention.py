@@ -74,8 +74,6 @@ HEAD_DIMS = (64, 128)
 GROUPS = (32, 64, 128)
 MAX_GQA = 8             # query heads per kv head the decode kernel holds
 SPLIT_TARGET = 4        # decode CTAs per SM the split rule fills (the tensor-core kernel's occupancy)
-MANY_WAVES_SPLITS = 2   # splits when (row, kv head) pairs alone are more than one wave of CTAs
-MAX_SPLIT_TILES = 32    # longest span of one decode CTA, in 128-token tiles
 DECODE_KERNEL_ENV = "ATOM_KV4_DECODE"  # simt | mma: force one decode kernel (benchmarking)
 DECODE_STAGES_ENV = "ATOM_KV4_STAGES"  # 2 | 3 | 4: force the tensor-core kernel's cp.async stages (benchmarking)
 DECODE_STAGES = (2, 3, 4)
@@ -351,17 +349,14 @@ def _device_sms(device: torch.device) -> int:
 
 def decode_splits(batch: int, kv_heads: int, max_len: int, sms: int) -> int:
     """CTAs per (row, kv head) for decode, each over whole 128-token tiles, no split left empty at
-    full width. Depends on shapes and the SM count only (never on context_lens), so a captured CUDA
-    graph stays valid for any lengths. Measured on the H100 (.dev/kv4_splits.py, forced splits):
-    - pairs within one wave (SPLIT_TARGET CTAs per SM): as many splits as still fit that wave, and
-      no more (Llama-3-8B batch 64: 1 split is 6-14% faster than 2, batch 16: 4 is best);
-    - more pairs than one wave: 2 splits, 10-13% faster than 1 (Llama-7B batch 64 / 256, Llama-3-8B
-      batch 256; 3 to 5 are no better), shorter CTAs fill the last wave better;
-    - at most MAX_SPLIT_TILES tiles per CTA (Llama-3-8B batch 64 at 8192 tokens: 2 splits, 10%)."""
+    full width: as many splits as still fit one wave of SPLIT_TARGET CTAs per SM, and no more (a
+    partial second wave costs more than the extra CTAs gain). Depends on shapes and the SM count
+    only (never on context_lens), so a captured CUDA graph stays valid for any lengths. Measured on
+    the H100 (`python -m bench.kv4_splits`, every forced split count): Llama-3-8B batch 64 (512
+    pairs) is 1.07-1.16x faster with 1 split than with the 2 a rounded-up rule gave; beyond one
+    wave (Llama-7B batch 64 / 256, Llama-3-8B batch 256) 1 split was the fastest count."""
     tiles = max(1, math.ceil(max_len / KV4_TILE))
-    pairs, slots = max(1, batch * kv_heads), SPLIT_TARGET * sms
-    want = max(1, slots // pairs) if pairs <= slots else MANY_WAVES_SPLITS
-    want = max(want, math.ceil(tiles / MAX_SPLIT_TILES))
+    want = max(1, SPLIT_TARGET * sms // max(1, batch * kv_heads))
     per_split = math.ceil(tiles / max(1, min(tiles, want)))
     return math.ceil(tiles / per_split)
 

@@ -82,10 +82,11 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 
 
-def command_line(module: str | None = None) -> str:
-    """The command that ran this bench, e.g. ``python -m bench.gemm --models llama-7b``."""
+def command_line(module: str | None = None, argv: list[str] | None = None) -> str:
+    """The command that ran this bench, e.g. ``python -m bench.gemm --models llama-7b``. ``argv``: the
+    arguments main() parsed when they are not the process's (one bench run from another's process)."""
     head = ["python", "-m", module] if module else ["python", sys.argv[0]]
-    return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
+    return " ".join(shlex.quote(a) for a in head + (sys.argv[1:] if argv is None else list(argv)))
 
 
 def write_json(path: Path, bench: str, rows: list[dict], command: str | None = None, **extra) -> Path:

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     cols = ["model", "prologue", "M", "K", "fused_us", "fused+staged_us", "torch_us", "copy_us", "fused_GBps",
             "copy_GBps", "fused_vs_copy", "fused_vs_torch", "staged_GBps"]
     write_results(args.out, f"quant_ops_{args.tag or default_tag()}", "quant_ops", rows, rows, cols,
-                  command_line("bench.quant_ops"), plot=lambda path: plot(rows, path))
+                  command_line("bench.quant_ops", argv), plot=lambda path: plot(rows, path))
     return 0
 
 

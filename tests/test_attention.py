@@ -12,6 +12,7 @@ tensor-core kernel, which takes float16 q). Memcheck on a few cases (both KV4 de
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -215,10 +216,9 @@ def test_kernel_limits():
 
 def test_decode_split_rule():
     sms = 132
-    assert A.decode_splits(256, 32, 1024, sms) == 2          # many waves already: 2 shorter CTAs each
-    assert A.decode_splits(64, 8, 4096, sms) == 1            # 512 pairs fill one wave of 4 per SM
-    assert A.decode_splits(64, 8, 8192, sms) == 2            # at most 32 tiles per CTA
-    assert A.decode_splits(16, 8, 4096, sms) == 4            # 4 splits still fit one wave
+    assert A.decode_splits(256, 32, 8192, sms) == 1          # plenty of CTAs already
+    assert A.decode_splits(64, 8, 4096, sms) == 1            # 512 pairs: a second split would not fit the wave
+    assert A.decode_splits(16, 8, 4096, sms) == 4            # 4 splits still fit one wave of 4 per SM
     assert A.decode_splits(1, 32, 4096, sms) == 16           # 32 tiles in chunks of 2
     assert A.decode_splits(1, 8, 4096, sms) == 32            # one tile each
     assert A.decode_splits(1, 8, 100, sms) == 1              # one tile in all
@@ -729,3 +729,11 @@ def sanitize_main() -> int:
 if __name__ == "__main__":
     if "--sanitize" in sys.argv:
         raise SystemExit(sanitize_main())
+
+
+def test_kv4_splits_bench_cases_parse():
+    from bench.kv4_splits import DEFAULT_CASES, parse_case
+    assert parse_case("llama-3-8b:64:2048") == ("llama-3-8b", 64, 2048)
+    assert all(parse_case(c)[0] in ("llama-7b", "llama-3-8b") for c in DEFAULT_CASES)
+    with pytest.raises(argparse.ArgumentTypeError, match="layout:batch:context"):
+        parse_case("llama-7b:64")
