@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     cols = ["layout", "batch", "context", "pairs", "rule", "rule_us", "best", "best_us", "rule_vs_best"]
     write_results(args.out, f"kv4_splits_{args.tag or default_tag()}", "kv4_splits", rows, rows, cols,
-                  command_line("bench.kv4_splits"))
+                  command_line("bench.kv4_splits", argv))
     return 0
 
 

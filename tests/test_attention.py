@@ -726,14 +726,15 @@ def sanitize_main() -> int:
     return 1 if bad else 0
 
 
-if __name__ == "__main__":
-    if "--sanitize" in sys.argv:
-        raise SystemExit(sanitize_main())
-
-
 def test_kv4_splits_bench_cases_parse():
     from bench.kv4_splits import DEFAULT_CASES, parse_case
     assert parse_case("llama-3-8b:64:2048") == ("llama-3-8b", 64, 2048)
     assert all(parse_case(c)[0] in ("llama-7b", "llama-3-8b") for c in DEFAULT_CASES)
     with pytest.raises(argparse.ArgumentTypeError, match="layout:batch:context"):
         parse_case("llama-7b:64")
+
+
+if __name__ == "__main__":
+    if "--sanitize" in sys.argv:
+        raise SystemExit(sanitize_main())
+

@@ -12,7 +12,7 @@ import torch
 
 from models.config import LlamaConfig
 from models.engine import Engine, EngineConfig, RequestError, SamplingParams
-from models.engine.kv_cache import pages_for
+from models.engine.kv_cache import NULL_PAGE, pages_for
 from models.engine.scheduler import Sequence
 from models.engine.text import TextStream, render_chat
 from models.llama import LlamaForCausalLM
@@ -119,7 +119,7 @@ def test_decode_host_row_cache_matches_a_fresh_build(tiny_config):
         s.pages = alloc.allocate(pages_for(s.num_tokens, 4))
         s.num_cached = s.num_tokens - 1
     out, written = np.full(rows * (width + 5), 7, dtype=np.int64), [None] * rows
-    out[:rows * width] = 0  # the null page, as DecodeGraphs initialises its pinned buffer
+    out[:rows * width] = NULL_PAGE  # as DecodeGraphs initialises its pinned buffer
 
     def check(batch):
         got = runner.decode_host(batch, rows, width, out=out, written=written).copy()
@@ -281,6 +281,7 @@ def run_engine(engine, arrivals: dict, abort_at: dict | None = None):
                 (o.new_token_ids, o.finished, o.finish_reason, o.error, o.prompt_tokens, o.completion_tokens))
         k += 1
     assert engine.allocator.num_free == engine.allocator.capacity
+    assert engine._pending is None  # no step left unresolved once the engine is idle
     return outs, shapes
 
 
@@ -308,12 +309,24 @@ def overlap_and_reference(model, config: EngineConfig, arrivals: dict, eos=(), a
 @pytest.mark.parametrize("kv_format", KV_FORMATS)
 def test_overlapped_decode_matches_the_synchronous_engine(tiny_config, kv_format):
     """Stop tokens, EOS (and ignore_eos), max_tokens, a request arriving mid-run and a sampled one:
-    the overlapped engine's outputs equal the synchronous engine's, through its three paths: rows of
-    stopped sequences discarded, a step redone when dropping them changes the bucket, and the
-    synchronous fallback (arrivals, sampling)."""
+    the overlapped engine's outputs equal the synchronous engine's, through its paths: rows of stopped
+    sequences discarded and the synchronous fallback (arrivals, sampling); the redo path has its own test."""
     model = random_model(tiny_config, kv_format)
     over = overlap_scenario(model, EngineConfig(max_batch=4, page_size=4, max_context=64, graph_buckets=(1, 2, 4)))
-    assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] > 0 and over.stats["redone_steps"] > 0
+    assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] > 0
+
+
+def test_overlapped_decode_redoes_a_step_whose_bucket_changes(tiny_config):
+    """Three rows (bucket 4) of which one stops at the pending step: the synchronous engine decodes the
+    next step with two rows (bucket 2), so the step launched with three is rolled back and redone."""
+    model = random_model(tiny_config)
+    ps = prompts(tiny_config.vocab_size, (5, 7, 9))
+    config = EngineConfig(max_batch=4, page_size=4, max_context=64, graph_buckets=(1, 2, 4))
+    free = Engine(model, config).generate(ps, SamplingParams(max_tokens=10, ignore_eos=True))
+    params = [SamplingParams(max_tokens=10, stop_token_ids=(free[0].token_ids[3],))] + \
+        [SamplingParams(max_tokens=10, ignore_eos=True)] * 2
+    over = overlap_and_reference(model, config, {0: [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]})
+    assert over.stats["redone_steps"] == 1 and over.stats["discarded_rows"] == 1
 
 
 def overlap_scenario(model, config: EngineConfig):
@@ -329,6 +342,17 @@ def overlap_scenario(model, config: EngineConfig):
               SamplingParams(max_tokens=6, temperature=0.8, seed=3)]
     reqs = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]
     return overlap_and_reference(model, config, {0: reqs[:4], 9: reqs[4:5], 14: reqs[5:]}, eos=[free[3][4]])
+
+
+def test_overlapped_decode_when_every_row_stops(tiny_config):
+    """The only sequence stops at the pending step: the step launched behind it is dropped (not left
+    pending with nothing to resolve it), same outputs as the synchronous engine."""
+    model = random_model(tiny_config)
+    p = prompts(tiny_config.vocab_size, (5,))[0]
+    free = Engine(model, EngineConfig(page_size=4, max_context=64)).generate([p], SamplingParams(max_tokens=10))
+    params = SamplingParams(max_tokens=10, stop_token_ids=(free[0].token_ids[4],))
+    over = overlap_and_reference(model, EngineConfig(page_size=4, max_context=64), {0: [("r0", p, params)]})
+    assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] == 1
 
 
 def test_overlapped_decode_under_page_exhaustion_and_aborts(tiny_config):
@@ -527,7 +551,6 @@ def test_gpu_overlapped_graph_decode_matches_the_synchronous_graphs(tiny_config,
     model = _to_cuda_half(random_model(tiny_config, kv_format))
     config = EngineConfig(max_batch=4, page_size=16, max_context=128, graph_buckets=(1, 2, 4), cuda_graphs=True)
     over = overlap_scenario(model, config)
-    print(over.stats)
     assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] > 0
     assert Engine(model, config).overlap  # on by default with graphs
 

@@ -309,7 +309,9 @@ class Engine:
         self.stats["overlapped_steps"] += 1
         outputs = self._resolve(pending)  # waits for pending's tokens while the device runs `launched`
         stopped = sum(s.finished for s in nxt)
-        if stopped and self._decode_rows(len(nxt) - stopped) != self._decode_rows(len(nxt)):
+        if stopped == len(nxt):  # every row stopped at pending's step: nothing left to read
+            self.stats["discarded_rows"] += stopped
+        elif stopped and self._decode_rows(len(nxt) - stopped) != self._decode_rows(len(nxt)):
             launched.rollback()  # the synchronous engine runs this step at another shape: redo it next
             self.stats["redone_steps"] += 1
             self.stats["discarded_rows"] += stopped
