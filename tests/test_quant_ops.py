@@ -128,6 +128,29 @@ def test_kernel_matches_reference():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_rounds_exact_ties_to_even(dtype):
+    """Values whose quotient by their group's scale is exactly k + 1/2: the kernel multiplies by the
+    scale's reciprocal and must take its exact-division fallback there (round half to even), for
+    the INT4 groups (halves in [-7, 7] with a 7 in every group: scale 1) and the INT8 outlier group
+    (eighths in [-31.75, 31.75] with 31.75 present: scale 1/4, quotients on halves)."""
+    spec, m = QuantSpec(4096, 128, 128), 8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-14, 15, (m, spec.k), generator=g) / 2.0
+    x[:, :spec.k_normal:spec.group] = 7.0
+    x[:, spec.k_normal:] = torch.randint(-254, 255, (m, spec.outliers), generator=g) / 8.0
+    x[:, spec.k_normal] = 31.75
+    x = x.to(dtype).cuda()
+    perm = torch.arange(spec.k, device="cuda")
+    got, _ = kernels.quantize_rows(x, spec, perm, 1.0, "none")
+    want = _reference(x, spec, perm, 1.0, "none", None)
+    assert torch.equal(want.scale.float().unique().cpu(), torch.tensor([0.25, 1.0]))  # the ties are real
+    for f in ("packed", "outlier", "scale"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("k, outliers", [(576, 64), (4096, 128), (1536, 0), (640, 256)])
 def test_stage_kernel_matches_staging_reference(k, outliers):
     spec = QuantSpec(k, 128, outliers)
