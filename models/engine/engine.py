@@ -187,11 +187,13 @@ class Engine:
                 if nxt:
                     return self._overlapped_step(pending, nxt)
                 outputs = self._resolve(pending)  # the finish checks before the next schedule
-            except Exception as e:  # noqa: BLE001 - as in _sync_step
+            except Exception as e:  # noqa: BLE001 - as in _scheduled_step
                 return self._fail(pending.seqs, e)
-        return outputs + self._sync_step()
+        return outputs + self._scheduled_step()
 
-    def _sync_step(self) -> list[RequestOutput]:
+    def _scheduled_step(self) -> list[RequestOutput]:
+        """A step from a fresh schedule: prefills and decodes, synchronously; or, for an all-greedy
+        decode-only plan with overlap on, launch it and leave it pending (its outputs come next step)."""
         plan = self.scheduler.schedule()
         self.stats["preemptions"] += len(plan.preempted)
         sampled: list[Sequence] = []
