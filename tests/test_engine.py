@@ -261,7 +261,8 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_config):
 def run_engine(engine, arrivals: dict, abort_at: dict | None = None):
     """Step `engine` until idle, adding arrivals[k] = [(request id, prompt, params), ...] and aborting
     abort_at[k] = [request id, ...] before the k-th step -> ({request id: [output fields, ...]}, the
-    rows each decode row ran with {(request id, position): rows})."""
+    rows each decode row ran with {(request id, position): rows}). Sets engine.overlapped_with_queue:
+    the steps that launched a decode before reading the previous one while requests waited."""
     shapes, decode = {}, engine._decode
 
     def recorded(seqs, feed=None):
@@ -270,15 +271,17 @@ def run_engine(engine, arrivals: dict, abort_at: dict | None = None):
         return decode(seqs, feed)
 
     engine._decode = recorded
-    outs, k = {}, 0
+    outs, k, engine.overlapped_with_queue = {}, 0, 0
     while k <= max(arrivals, default=0) or engine.has_work():
         for rid, prompt, params in arrivals.get(k, []):
             engine.add_request(prompt, params, request_id=rid)
         for rid in (abort_at or {}).get(k, []):
             assert engine.abort(rid)
+        waiting, overlapped = engine.num_waiting, engine.stats["overlapped_steps"]
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(
                 (o.new_token_ids, o.finished, o.finish_reason, o.error, o.prompt_tokens, o.completion_tokens))
+        engine.overlapped_with_queue += bool(waiting and engine.stats["overlapped_steps"] > overlapped)
         k += 1
     assert engine.allocator.num_free == engine.allocator.capacity
     assert engine._pending is None  # no step left unresolved once the engine is idle
@@ -325,8 +328,96 @@ def test_overlapped_decode_redoes_a_step_whose_bucket_changes(tiny_config):
     free = Engine(model, config).generate(ps, SamplingParams(max_tokens=10, ignore_eos=True))
     params = [SamplingParams(max_tokens=10, stop_token_ids=(free[0].token_ids[3],))] + \
         [SamplingParams(max_tokens=10, ignore_eos=True)] * 2
-    over = overlap_and_reference(model, config, {0: [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]})
+    reqs = {0: [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]}
+    over = overlap_and_reference(model, config, reqs)
     assert over.stats["redone_steps"] == 1 and over.stats["discarded_rows"] == 1
+    # the redo runs in the same step() call, so a request arriving after it joins at the same step as in
+    # the synchronous engine (were it redone in the next call, the others' last tokens would be decoded
+    # with the late request's first ones, in another bucket)
+    late = (ps[0], SamplingParams(max_tokens=6, ignore_eos=True))
+    for k in (6, 9):
+        over = overlap_and_reference(model, config, {**reqs, k: [("late", *late)]})
+        assert over.stats["redone_steps"] == 1
+
+
+def queue_requests(model, config: EngineConfig, n: int, max_tokens: int = 12):
+    """n requests whose stop tokens, EOS, max_tokens and ignore_eos (picked from a free run) end them
+    at various steps; -> (requests, eos)."""
+    ps = prompts(model.config.vocab_size, (5, 11, 3, 8, 6, 9, 4, 7, 10)[:n], seed=2)
+    free = [c.token_ids for c in Engine(model, config).generate(ps, SamplingParams(max_tokens=max_tokens,
+                                                                                   ignore_eos=True))]
+    kinds = [lambda f: SamplingParams(max_tokens=max_tokens, stop_token_ids=(f[3],)),
+             lambda f: SamplingParams(max_tokens=5),
+             lambda f: SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+             lambda f: SamplingParams(max_tokens=max_tokens, stop_token_ids=(f[6], f[8])),
+             lambda f: SamplingParams(max_tokens=max_tokens)]  # and EOS: free[1][2]
+    reqs = [(f"r{i}", p, kinds[i % len(kinds)](f)) for i, (p, f) in enumerate(zip(ps, free))]
+    return reqs, [free[1][2]]
+
+
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_overlapped_decode_with_a_full_batch_and_a_queue(tiny_config, kv_format):
+    """More requests than batch slots (and some arriving mid-run), ended by stop tokens, EOS and
+    max_tokens: decode steps overlap while requests wait, launched steps are redone (rows stopped and
+    let a waiting request in, or left another bucket), everything equals the synchronous engine
+    (overlap_and_reference)."""
+    model = random_model(tiny_config, kv_format)
+    config = EngineConfig(max_batch=3, page_size=4, max_context=64, graph_buckets=(1, 2, 4))
+    reqs, eos = queue_requests(model, config, 9)
+    over = overlap_and_reference(model, config, {0: reqs[:6], 5: reqs[6:8], 11: reqs[8:]}, eos=eos)
+    assert over.overlapped_with_queue > 0 and over.stats["redone_steps"] > 0
+    assert over.stats["preemptions"] == 0
+
+
+def test_overlapped_decode_when_a_stop_admits_a_waiting_request(tiny_config):
+    """Two slots, three requests: r0 stops at the pending step while r2 waits, so the synchronous
+    engine's next step admits (and prefills) r2: the step launched behind it is redone in the same call.
+    Before that, the steps overlap although r2 waits."""
+    model = random_model(tiny_config)
+    ps = prompts(tiny_config.vocab_size, (5, 7, 9))
+    config = EngineConfig(max_batch=2, page_size=4, max_context=64, graph_buckets=(1, 2))
+    free = Engine(model, config).generate(ps, SamplingParams(max_tokens=10, ignore_eos=True))
+    stop = free[0].token_ids[5]
+    params = [SamplingParams(max_tokens=10, stop_token_ids=(stop,))] + \
+        [SamplingParams(max_tokens=10, ignore_eos=True)] * 2
+    over = overlap_and_reference(model, config, {0: [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]})
+    assert over.overlapped_with_queue >= free[0].token_ids.index(stop) - 1
+    assert over.stats["redone_steps"] == 1 and over.stats["discarded_rows"] == 1
+
+
+def test_overlapped_decode_admits_into_exactly_the_pages_of_the_synchronous_engine(tiny_config):
+    """Two slots, 7 pages: r2 (12 tokens: 4 pages to be admitted, 3 to prefill) waits until r0 stops;
+    then the synchronous engine admits it into the 4 pages free before r1 grows a page for its next
+    token, and prefills it into the 3 left. The overlapped engine has already given r1 that page for the
+    step it launched: it must count it as free when it decides that r2 gets in, and give it back when
+    it throws that step away (one bucket, so only the admission makes it redo the step)."""
+    model = random_model(tiny_config)
+    ps = prompts(tiny_config.vocab_size, (5, 8, 12), seed=1)
+    config = EngineConfig(max_batch=2, page_size=4, max_context=24, num_pages=8, graph_buckets=(2,))
+    free = Engine(model, config).generate(ps[:1], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    # r0 stops at a token index j where r1 (8 prompt tokens) starts a page at the next step
+    j = next(i for i, t in enumerate(free) if i > 0 and free.index(t) == i and (8 + i) % 4 == 0)
+    params = [SamplingParams(max_tokens=12, stop_token_ids=(free[j],)), SamplingParams(max_tokens=12, ignore_eos=True),
+              SamplingParams(max_tokens=6, ignore_eos=True)]
+    over = overlap_and_reference(model, config, {0: [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]})
+    assert over.overlapped_with_queue > 0 and over.stats["redone_steps"] == 1
+
+
+def test_overlapped_decode_with_a_small_kv_pool_and_a_queue(tiny_config):
+    """A KV pool that holds fewer sequences than the batch (requests wait for pages, the youngest is
+    preempted), requests arriving mid-run, aborts of running and waiting ones: the same outputs and
+    decode shapes as the synchronous engine, overlapping while requests wait."""
+    model = random_model(tiny_config)
+    config = EngineConfig(max_batch=4, page_size=4, max_context=32, num_pages=13, graph_buckets=(1, 2, 4))
+    reqs, eos = queue_requests(model, config, 7, max_tokens=20)
+    reqs = [(rid, p, sp if i in (0, 3) else SamplingParams(max_tokens=20 - i, ignore_eos=True))  # longer ones
+            for i, (rid, p, sp) in enumerate(reqs)]
+    arrivals = {0: reqs[:5], 8: reqs[5:6], 20: reqs[6:]}
+    over = overlap_and_reference(model, config, arrivals, eos=eos)
+    assert over.overlapped_with_queue > 0 and over.stats["preemptions"] > 0
+    # aborts: r5 while it waits, r2 (pending) while r4 (preempted) and r5 wait, r6 (pending) late
+    over = overlap_and_reference(model, config, arrivals, eos=eos, abort_at={14: ["r5"], 16: ["r2"], 24: ["r6"]})
+    assert over.overlapped_with_queue > 0 and over.stats["preemptions"] > 0
 
 
 def overlap_scenario(model, config: EngineConfig):

@@ -113,7 +113,8 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "preemptions": 0,
                       # overlap.py: steps launched before the previous one's tokens were read, rows of
-                      # finished (stopped, aborted) sequences dropped from them, steps redone at another shape
+                      # finished (stopped, aborted) sequences dropped from them, launched steps thrown
+                      # away and run again synchronously (another shape, or a stop admits a request)
                       "overlapped_steps": 0, "discarded_rows": 0, "redone_steps": 0}
 
     @property
@@ -294,32 +295,43 @@ class Engine:
     def _continue_with(self, pending: PendingDecode) -> list[Sequence] | None:
         """The sequences of the next decode step, if it can be launched before `pending`'s tokens
         are known: what the synchronous engine's schedule would decode next, unless some sequence
-        stops at `pending`'s step. None: resolve `pending` first."""
-        if self.scheduler.waiting:      # admission depends on who finishes
-            return None
+        stops at `pending`'s step (_overlapped_step checks that). None: resolve `pending` first."""
         live = [s for s in pending.seqs if not s.finished]
         if len(live) != len(self.scheduler.running):  # a running sequence is prefilling or waits for pages
             return None
         nxt = [s for s in live if len(s.output_ids) < s.max_tokens]  # the others end by length
+        freed = sum(len(s.pages) for s in live if len(s.output_ids) >= s.max_tokens)  # when pending resolves
+        if self.scheduler.would_admit(len(nxt), self.allocator.num_free + freed):
+            return None                 # the schedule admits a request, even if no sequence stops
         if not nxt or sum(self.scheduler.pages_needed(s, 1) for s in nxt) > self.allocator.num_free:
             return None                 # nothing to decode, or the schedule would preempt
         return nxt
 
     def _overlapped_step(self, pending: PendingDecode, nxt: list[Sequence]) -> list[RequestOutput]:
-        self.scheduler.grow_decodes(nxt)
+        grown = self.scheduler.grow_decodes(nxt)
         launched = self._launch_decode(nxt, pending)
         self.stats["overlapped_steps"] += 1
         outputs = self._resolve(pending)  # waits for pending's tokens while the device runs `launched`
         stopped = sum(s.finished for s in nxt)
-        if stopped == len(nxt):  # every row stopped at pending's step: nothing left to read
-            self.stats["discarded_rows"] += stopped
-        elif stopped and self._decode_rows(len(nxt) - stopped) != self._decode_rows(len(nxt)):
-            launched.rollback()  # the synchronous engine runs this step at another shape: redo it next
-            self.stats["redone_steps"] += 1
-            self.stats["discarded_rows"] += stopped
-        else:
+        if not stopped:
             self._pending = launched
-        return outputs
+            return outputs
+        # Some rows stopped at pending's step: launched is still the synchronous engine's next step
+        # (less those rows, discarded when it resolves) unless that decodes the others at another
+        # shape, decodes nothing, or admits a waiting request into the pages and slot they freed.
+        left = len(nxt) - stopped
+        admits = self.scheduler.would_admit(
+            left, self.allocator.num_free + sum(g for s, g in zip(nxt, grown) if not s.finished))
+        if left and not admits and self._decode_rows(left) == self._decode_rows(len(nxt)):
+            self._pending = launched
+            return outputs
+        launched.rollback()  # throw it away and run the synchronous engine's step now
+        for seq in nxt:
+            if not seq.finished:
+                self.scheduler.shrink_to_cached(seq)
+        self.stats["discarded_rows"] += stopped
+        self.stats["redone_steps"] += left > 0
+        return outputs + self._scheduled_step()
 
     def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
         """Read `pending`'s tokens (waits for its step) into its placeholders; finish checks."""

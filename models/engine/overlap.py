@@ -9,25 +9,36 @@ decode step are greedy, the engine (Engine.step, EngineConfig.overlap_decode) in
              an event (TokenReadback); every sequence gets a PLACEHOLDER output token, so the
              scheduling arithmetic (positions, pages, max_tokens) reads as if the token were known.
              The step is kept as a PendingDecode; step() returns without waiting.
-  next step  if step t+1 is exactly "decode the same sequences again" (Engine._continue_with: no
-             waiting request, every running sequence is in step t, the pages for one more token
-             are free; sequences that step t ends by max_tokens are left out, that is known in
-             advance): grow their pages and launch t+1, its input ids gathered on the device from
-             step t's argmax (positions, slots, block tables do not depend on token values); only
-             then wait for step t's tokens, fill the placeholders, run the finish checks and return
-             step t's outputs, while the GPU runs t+1.
+  next step  if step t+1 is "decode the same sequences again" unless a sequence stops at step t
+             (Engine._continue_with, decided before the tokens are known): every running sequence
+             is in step t; those that step t ends by max_tokens (known in advance) are left out;
+             the scheduler's admission rule (Scheduler.would_admit, what schedule() applies) admits
+             no waiting request into the batch slots and free pages there will be once step t has
+             resolved if nothing stops (the max_tokens ends' pages counted as free); the pages for
+             one more token each are free (no preemption). Then grow their pages and launch t+1,
+             its input ids gathered on the device from step t's argmax (positions, slots, block
+             tables do not depend on token values); only then wait for step t's tokens, fill the
+             placeholders, run the finish checks and return step t's outputs, while the GPU runs t+1.
              Otherwise: resolve step t first, then a synchronous step (which may start a new
-             pipeline). Sampled rows (temperature > 0), prefills, preemption, new requests, all
-             go through that synchronous path.
+             pipeline). Sampled rows (temperature > 0), prefills, preemption, admissions, all go
+             through that synchronous path.
 
-A sequence that stops at step t (stop token, EOS) already has a row in step t+1: that row's token
-is discarded when t+1 resolves (Sequence.finished). Its pages are freed when step t resolves,
-while t+1 may still write its row's K/V into them: safe because all work is queued on one CUDA
-stream, so whatever reuses those pages runs after step t+1. The discarded row does not change the
-other rows' results when the decode shape (graph bucket) is the one the synchronous engine would
-use; when dropping the stopped rows would change the bucket, step t+1 is thrown away whole
-(PendingDecode.rollback) and recomputed by the next step: one wasted step, rarely, so that every
-token equals the synchronous engine's bit for bit.
+A sequence that stops at step t (stop token, EOS) already has a row in step t+1. Usually that row
+is just discarded when t+1 resolves (Sequence.finished): its pages are freed when step t resolves,
+while t+1 may still write its row's K/V into them, which is safe because all work is queued on one
+CUDA stream, so whatever reuses those pages runs after step t+1; and the discarded row does not
+change the other rows' results. But step t+1 is no longer the synchronous engine's step when
+  - the remaining rows decode at another shape (graph bucket), or
+  - no row remains, or
+  - the admission rule, applied to the batch slots and pages as the synchronous engine would see
+    them after step t (the stopped sequences' freed), admits a waiting request (which then
+    prefills in the step):
+then step t+1 is thrown away (PendingDecode.rollback; the pages grown for it are given back, so
+that the schedule sees the free pages the synchronous engine's does) and the synchronous engine's
+step is run in the same step() call, from a fresh schedule: one wasted step of device time. In the
+same call, so that step() call k always runs the step the synchronous engine's call k runs: a redo
+left to the next call would meet the requests that arrive before it one step early, and give later
+tokens other decode shapes.
 
 Outputs come one step() call later than in the synchronous engine; tokens, finish reasons, stop
 tokens (not emitted) and max_tokens are the same.
@@ -62,7 +73,8 @@ class PendingDecode:
 
     def rollback(self) -> None:
         """Forget this step: its live sequences are back to one uncached token (their K/V written
-        by it will be written again by the step that redoes it, later on the same stream)."""
+        by it will be written again by the step that redoes it, later on the same stream; the pages
+        grown for it are the caller's: Scheduler.shrink_to_cached)."""
         for seq, i in zip(self.seqs, self.index):
             if not seq.finished:
                 del seq.output_ids[i:]

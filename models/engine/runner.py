@@ -70,7 +70,7 @@ class ModelRunner:
         `written` (with a persistent `out`, DecodeGraphs): what each row of out's block tables holds
         from earlier calls, (pages list, its length) or None for a null row; rows whose sequence and
         page count did not change are not rewritten. Sound because a sequence's page list only grows
-        in place, and releasing its pages replaces the list (Sequence.pages).
+        in place, and releasing or shrinking its pages replaces the list (Sequence.pages).
 
         Numpy, not nested lists into torch.tensor: this runs on the host between two decode
         steps (CUDA-graph replays), where the list version cost more than a small batch's attention;

@@ -32,7 +32,7 @@ class Sequence:
     max_tokens: int                      # params.max_tokens capped by the context length
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)  # grows in place; released: replaced by a new list
+    pages: list[int] = field(default_factory=list)  # grows in place; released or shrunk: a new list
     num_cached: int = 0                  # tokens whose K/V are in the pages
     preemptions: int = 0
     stop_ids: frozenset[int] = frozenset()  # stop tokens and EOS (unless ignore_eos), set once by the engine
@@ -115,24 +115,42 @@ class Scheduler:
         return plan
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting[0]
-            if pages_for(seq.num_tokens + 1, self.page_size) - len(seq.pages) > self.allocator.num_free:
-                break  # first come, first served: later requests wait behind it
-            self.waiting.popleft()
-            self.running.append(seq)
+        while self.would_admit(len(self.running), self.allocator.num_free):
+            self.running.append(self.waiting.popleft())
+
+    def would_admit(self, num_running: int, num_free: int) -> bool:
+        """The admission rule: the first waiting request joins when `num_running` sequences run
+        and `num_free` pages are free (first come, first served: later requests wait behind it).
+        Also a dry run against a state the engine foresees (Engine._continue_with, overlap.py)."""
+        if not self.waiting or num_running >= self.max_batch:
+            return False
+        seq = self.waiting[0]
+        return pages_for(seq.num_tokens + 1, self.page_size) - len(seq.pages) <= num_free
 
     def pages_needed(self, seq: Sequence, n: int) -> int:
         """New pages `seq` needs for n more tokens."""
         return pages_for(seq.num_cached + n, self.page_size) - len(seq.pages)
 
-    def grow_decodes(self, seqs: list[Sequence]) -> None:
+    def grow_decodes(self, seqs: list[Sequence]) -> list[int]:
         """Pages for one more token each, which the caller made sure are free (an overlapped decode
-        step: the synchronous schedule of the same step, which would preempt nothing)."""
+        step: the synchronous schedule of the same step, which would preempt nothing) -> the pages
+        each one got."""
+        grown = []
         for seq in seqs:
             need = self.pages_needed(seq, 1)
             if need > 0:
                 seq.pages.extend(self.allocator.allocate(need))
+            grown.append(max(need, 0))
+        return grown
+
+    def shrink_to_cached(self, seq: Sequence) -> None:
+        """Free the pages past those of seq's cached tokens (a rolled-back overlapped step's growth),
+        so that the next schedule sees the pages the synchronous engine would. A new list, as on
+        release (ModelRunner.decode_host's table rows rely on it)."""
+        keep = pages_for(seq.num_cached, self.page_size)
+        if len(seq.pages) > keep:
+            self.allocator.free(seq.pages[keep:])
+            seq.pages = seq.pages[:keep]
 
     def _grow(self, seq: Sequence, n: int, in_step: set[int], plan: StepPlan) -> bool:
         """Give `seq` pages for n more tokens, preempting younger sequences if needed.
