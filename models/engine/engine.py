@@ -107,6 +107,8 @@ class Engine:
             self.graphs = DecodeGraphs(self.runner, config.max_batch, config.graph_buckets)
             self.graphs.capture()
         self.overlap = config.cuda_graphs if config.overlap_decode is None else config.overlap_decode
+        # without graphs, decode pads to the graph buckets' shapes when asked, and always when overlapped
+        self._pad_decode = config.static_decode_shapes or self.overlap
         self._readback = TokenReadback(self.device, config.max_batch)
         self._pending: PendingDecode | None = None  # a launched decode step whose tokens are not read yet
         self.eos_token_ids = frozenset(t for t in eos_token_ids if t is not None)
@@ -235,7 +237,7 @@ class Engine:
         """The rows a decode step of n sequences runs with (its graph bucket, or n when unpadded)."""
         if self.graphs is not None:
             return self.graphs.bucket_for(n)
-        if self.config.static_decode_shapes or self.overlap:
+        if self._pad_decode:
             return next((b for b in sorted(self.config.graph_buckets) if b >= n), n)
         return n
 
@@ -243,9 +245,8 @@ class Engine:
         """Logits [len(seqs), vocab]; feed = (device tokens, src rows) as in ModelRunner.decode."""
         if self.graphs is not None:
             return self.graphs.decode(seqs, feed)
-        rows = self._decode_rows(len(seqs))
-        if self.config.static_decode_shapes or self.overlap:
-            return self.runner.decode(seqs, rows=rows, full_width=True, feed=feed)
+        if self._pad_decode:
+            return self.runner.decode(seqs, rows=self._decode_rows(len(seqs)), full_width=True, feed=feed)
         return self.runner.decode(seqs, feed=feed)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
