@@ -678,6 +678,103 @@ def test_gpu_paged_kernel_limits_and_opcheck():
     tables = torch.tensor([[2, 1], [0, 0]], device="cuda")
     torch.library.opcheck(torch.ops.atom.paged_decode_attention.default, (q, kp, vp, tables, ctx, 0))
 
+# ------------------------------------------------------------ kv4_prefill_attention (GPU)
+
+PREFILL_LAYOUTS = [(8, 8, 128), (32, 8, 128), (9, 3, 64), (8, 1, 64), (24, 3, 128), (12, 4, 64), (4, 4, 64),
+                   (16, 2, 128)]  # (Hq, Hkv, D): GQA 1, 2, 3, 4, 8
+
+
+def prefill_cases(n=120, seed=0):
+    """Random prefill shapes: T = 1..130 new tokens, contexts 1..600 (ragged rows; some shorter than T, whose
+    first queries see nothing), D 64 / 128 with every group, GQA 1..8, page sizes 1..32, fp16 / bf16."""
+    rng = random.Random(seed)
+    for i in range(n):
+        hq, hkv, d = PREFILL_LAYOUTS[i % len(PREFILL_LAYOUTS)]
+        group = rng.choice([g for g in A.GROUPS if d % g == 0])
+        ps = rng.choice([1, 5, 16, 16, 32])
+        b = rng.choice([1, 1, 2, 3, 4])
+        T = rng.choice([1, 2, 7, 15, 16, 17, 63, 64, 65, 100, 128, 129, 130, rng.randint(1, 130)])
+        special = [T, T, T + 1, T + 63, T + 64, T + 65, 127, 128, 129, 600, max(1, T - 3)]
+        lens = [min(600, rng.choice(special) if rng.random() < 0.7 else rng.randint(T, 600)) for _ in range(b)]
+        dtype = (torch.float16, torch.bfloat16)[(i // len(PREFILL_LAYOUTS)) % 2]
+        yield (b, hq, hkv, d, group, ps, T, lens, dtype, rng.choice([torch.int32, torch.int64]),
+               rng.choice([0.5, 2.0, 6.0]))
+
+
+def run_prefill_case(b, hq, hkv, d, group, ps, T, lens, dtype, index_dtype, q_scale, seed, strided=False):
+    """(kernel output, reference output, max |v| of the pages read)."""
+    tables, pages = block_tables_for(lens, ps, seed, extra_width=seed % 3, index_dtype=index_dtype)
+    kp, vp = (random_pool(pages, ps, hkv, d, group, seed + s, GPU) for s in (1, 2))
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, T, hq, d, generator=g) * q_scale).to(dtype).to(GPU)
+    q = q.transpose(1, 2) if strided else q.transpose(1, 2).contiguous()  # the model's q is [B, Hq, T, D] (a view)
+    tables, ctx = tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+    got = A.kv4_prefill_attention(q, kp, vp, tables, ctx)
+    want = A.kv4_prefill_attention_reference(q, kp, vp, tables, ctx)
+    vmax = float(formats.dequantize_kv(*vp, group).abs().max())
+    return got, want, vmax
+
+
+# Prefill tolerance, relative to max |v|: as decode, plus P rounded to bfloat16 for the P . V MMA.
+PREFILL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def prefill_case_ok(got, want, vmax, dtype) -> tuple[bool, float]:
+    err = float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+    return bool(torch.isfinite(got).all()) and got.shape == want.shape and err <= PREFILL_TOL[dtype] * vmax, err
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_prefill_matches_reference():
+    bad = []
+    for i, case in enumerate(prefill_cases()):
+        got, want, vmax = run_prefill_case(*case, seed=800 + i, strided=i % 2 == 1)
+        ok, err = prefill_case_ok(got, want, vmax, case[8])
+        if not ok:
+            bad.append(f"case {i} {case[:7]} lens={case[7]} {case[8]}: err {err:.3g} (tol {PREFILL_TOL[case[8]] * vmax:.3g})")
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_prefill_after_append_matches_gather_sdpa():
+    """The engine's order: append T new rows per sequence, then attend; the fused kernel against
+    kv4_gather + SDPA (the default prefill path) on the same pages."""
+    from models.engine.attention import paged_attention
+    from models.engine.kv_cache import KV4Pages
+    B, T, hq, hkv, D, ps = 2, 37, 8, 2, 128, 16
+    prefix = [50, 0]
+    lens = [p + T for p in prefix]
+    tables, num_pages = block_tables_for(lens, ps, 4, extra_width=1)
+    pages = KV4Pages(layers=1, num_pages=num_pages, page_size=ps, kv_heads=hkv, head_dim=D, dtype=torch.float16,
+                     device="cuda", group=64)
+    g = torch.Generator().manual_seed(3)
+    slot = lambda b, j: int(tables[b, j // ps]) * ps + j % ps
+    all_slots = torch.tensor([slot(b, j) for b in range(B) for j in range(lens[b])], device="cuda")
+    n = len(all_slots)
+    pages.write(0, all_slots, (torch.randn(n, hkv, D, generator=g) * 2).half().cuda(),
+                torch.randn(n, hkv, D, generator=g).half().cuda())
+    q = (torch.randn(B, hq, T, D, generator=g) * 2).half().cuda()
+    tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
+    got = A.kv4_prefill_attention(q, *pages.layer_pools(0), tables, ctx)
+    os.environ.pop("ATOM_KV4_PREFILL", None)
+    want = paged_attention(q, pages, 0, tables, ctx)  # gather + SDPA
+    assert (got.float() - want.float()).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_prefill_opcheck_and_limits():
+    kp, vp = _pools(device="cuda")
+    q, ctx = torch.randn(2, 4, 3, 64, device="cuda").half(), torch.tensor([5, 3], device="cuda")
+    tables = torch.tensor([[2, 1], [0, 0]], device="cuda")
+    torch.library.opcheck(torch.ops.atom.kv4_prefill_attention.default, (q, *kp, *vp, tables, ctx))
+    kp, vp = (random_pool(3, 4, 2, 96, 32, s, "cuda") for s in (1, 2))
+    with pytest.raises(FormatError, match="head_dim 96"):
+        A.kv4_prefill_attention(torch.randn(1, 2, 3, 96, device="cuda").half(), kp, vp, tables[:1], ctx[:1])
+
+
 # ------------------------------------------------------------------------- sanitizer
 
 def sanitize_main() -> int:
@@ -722,6 +819,17 @@ def sanitize_main() -> int:
         ok, _ = paged_case_ok(got, want, vmax, case[6])
         bad += not ok
         print(f"sanitize paged_decode_attention {case[:6]}: {'ok' if ok else 'BAD'}")
+    prefill = [(2, 8, 2, 128, 64, 16, 37, [87, 37], torch.float16, torch.int64, 2.0),
+               (3, 9, 3, 64, 32, 5, 65, [65, 600, 60], torch.bfloat16, torch.int32, 1.0),
+               (1, 32, 8, 128, 32, 32, 130, [131], torch.float16, torch.int32, 6.0),
+               (2, 4, 4, 64, 64, 1, 1, [1, 200], torch.bfloat16, torch.int64, 0.5),
+               (2, 16, 2, 128, 128, 16, 17, [17, 300], torch.bfloat16, torch.int64, 2.0)]
+    for i, case in enumerate(prefill):
+        got, want, vmax = run_prefill_case(*case, seed=900 + i, strided=i % 2 == 0)
+        torch.cuda.synchronize()
+        ok, _ = prefill_case_ok(got, want, vmax, case[8])
+        bad += not ok
+        print(f"sanitize kv4_prefill_attention {case[:8]}: {'ok' if ok else 'BAD'}")
     print("sanitize done", "FAIL" if bad else "ok")
     return 1 if bad else 0
 
