@@ -88,6 +88,7 @@ SPLIT_TARGET = 4        # decode CTAs per SM the split rule fills (the tensor-co
 DECODE_KERNEL_ENV = "ATOM_KV4_DECODE"  # simt | mma: force one decode kernel (benchmarking)
 DECODE_STAGES_ENV = "ATOM_KV4_STAGES"  # 2 | 3 | 4: force the tensor-core kernel's cp.async stages (benchmarking)
 DECODE_STAGES = (2, 3, 4)
+PREFILL_ENV = "ATOM_KV4_PREFILL"        # kernel | gather (default): the engine's KV4 prefill path
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -448,6 +449,16 @@ def decode_stages() -> int:
     if force not in tuple(str(s) for s in DECODE_STAGES):
         raise FormatError(f"{DECODE_STAGES_ENV}={force!r}: expected 2, 3, 4 or auto")
     return int(force)
+
+
+def prefill_uses_kernel() -> bool:
+    """Whether the engine's KV4 prefill (T > 1) runs kv4_prefill_attention: only with ATOM_KV4_PREFILL=kernel
+    (read at each call) and an extension that has it. The default (unset or `gather`) is kv4_gather + SDPA,
+    until the fused kernel has been validated on a GPU (it has run on a CPU emulation only)."""
+    force = os.environ.get(PREFILL_ENV, "").strip().lower()
+    if force not in ("", "gather", "kernel"):
+        raise FormatError(f"{PREFILL_ENV}={force!r}: expected kernel or gather")
+    return force == "kernel" and prefill_kernel_available()
 
 
 def _ptrs(pool: Pool) -> list[int]:

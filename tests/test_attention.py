@@ -2,11 +2,14 @@
 paged_decode_attention (decode over plain fp16 / bf16 pages, the fp16 / fp8 modes' baseline).
 
 CPU: the references against the model's RoPE, formats.quantize_kv / dequantize_kv and the engine's
-torch paged attention; argument errors; the decode split rule; opcheck.
+torch paged attention (decode and prefill); argument errors; the decode split rule; opcheck.
 GPU (`gpu` marker): each CUDA kernel against its reference over many shapes (kv4_append and
 kv4_gather bit-exact; decode within fp16 / bf16 output rounding), CUDA-graph capture of decode,
 and the engine on the kernels. Decode runs both kernels (ATOM_KV4_DECODE=simt and =mma, the
-tensor-core kernel, which takes float16 q). Memcheck on a few cases (both KV4 decode kernels and the paged fp16 / bf16 one):
+tensor-core kernel, which takes float16 q). kv4_prefill_attention (the fused prefill kernel, opt-in in
+the engine with ATOM_KV4_PREFILL=kernel) against its reference over 120 random shapes, after appends
+against gather + SDPA, and in the engine. Memcheck on a few cases (both KV4 decode kernels, the paged
+fp16 / bf16 one and the prefill kernel):
     compute-sanitizer --tool memcheck python tests/test_attention.py --sanitize
 """
 
@@ -154,6 +157,77 @@ def test_decode_reference_matches_the_engines_paged_attention(hq, hkv):
     got = A.kv4_decode_attention(q[:2], *pages.layer_pools(0), tables[:2], torch.tensor([0, 2]))
     want = paged_attention(q[1:2, :, None], pages, 0, tables[1:2], torch.tensor([2]))[:, :, 0]
     assert torch.equal(got[0], torch.zeros_like(got[0])) and (got[1:] - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("hq, hkv, T", [(4, 4, 3), (9, 3, 5), (8, 1, 7)])
+def test_prefill_reference_matches_the_engines_paged_attention(hq, hkv, T):
+    """kv4_prefill_attention (the reference on CPU) computes what the engine's prefill path does (pages
+    read back + SDPA with the causal mask at positions context - T + t), ragged rows included; a row whose
+    context is shorter than T gives zeros for the queries that see no key."""
+    from models.engine.attention import paged_attention
+    from models.engine.kv_cache import KV4Pages
+    D, ps = 64, 4
+    lens = [T, T + 1, T + 9, 17]
+    tables, num_pages = block_tables_for(lens, ps, 6, extra_width=1)
+    pages = KV4Pages(layers=1, num_pages=num_pages, page_size=ps, kv_heads=hkv, head_dim=D, dtype=torch.float32,
+                     device="cpu", group=32)
+    g = torch.Generator().manual_seed(7)
+    n = num_pages * ps
+    pages.write(0, torch.arange(n), torch.randn(n, hkv, D, generator=g) * 2, torch.randn(n, hkv, D, generator=g))
+    q = torch.randn(len(lens), hq, T, D, generator=g) * 2
+    ctx = torch.tensor(lens)
+    got = A.kv4_prefill_attention(q, *pages.layer_pools(0), tables, ctx)
+    want = paged_attention(q, pages, 0, tables, ctx)
+    assert got.shape == q.shape and (got - want).abs().max() < 1e-5
+    # one sequence with no cached prefix: the engine's is_causal path (context = T)
+    want = paged_attention(q[:1], pages, 0, tables[:1, :math.ceil(T / ps)], ctx[:1], T)
+    assert (A.kv4_prefill_attention(q[:1], *pages.layer_pools(0), tables[:1], ctx[:1]) - want).abs().max() < 1e-5
+    # T = 1 is decode
+    dec = A.kv4_decode_attention(q[:, :, -1], *pages.layer_pools(0), tables, ctx)
+    assert (A.kv4_prefill_attention(q[:, :, -1:], *pages.layer_pools(0), tables, ctx)[:, :, 0] - dec).abs().max() < 1e-5
+    # context shorter than T: query t sees keys 0..ctx - T + t (none for the first T - ctx)
+    short = A.kv4_prefill_attention(q[:1], *pages.layer_pools(0), tables[:1], torch.tensor([2]))
+    assert torch.equal(short[:, :, :T - 2], torch.zeros_like(short[:, :, :T - 2]))
+    assert (short[:, :, T - 2:] - A.kv4_prefill_attention(q[:1, :, T - 2:], *pages.layer_pools(0), tables[:1],
+                                                          torch.tensor([2]))).abs().max() < 1e-6
+
+
+def test_prefill_kernel_choice(monkeypatch):
+    monkeypatch.delenv(A.PREFILL_ENV, raising=False)
+    assert not A.prefill_uses_kernel()  # the default: kv4_gather + SDPA
+    monkeypatch.setenv(A.PREFILL_ENV, "gather")
+    assert not A.prefill_uses_kernel()
+    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    assert A.prefill_uses_kernel() == A.prefill_kernel_available()
+    monkeypatch.setenv(A.PREFILL_ENV, "flash")
+    with pytest.raises(FormatError, match="ATOM_KV4_PREFILL"):
+        A.prefill_uses_kernel()
+
+
+def test_prefill_errors_name_the_problem():
+    kp, vp = _pools()
+    q, tables, ctx = torch.randn(2, 4, 3, 64), torch.zeros(2, 3, dtype=torch.int32), torch.tensor([3, 4])
+    with pytest.raises(FormatError, match=r"q must be \[B, q_heads, T, 64\]"):
+        A.kv4_prefill_attention(torch.randn(2, 4, 64), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match=r"q_heads \(3\) must be a positive multiple of kv_heads \(2\)"):
+        A.kv4_prefill_attention(torch.randn(2, 3, 3, 64), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="context_lens must be a 1-D int32 or int64"):
+        A.kv4_prefill_attention(q, kp, vp, tables, ctx.float())
+    with pytest.raises(FormatError, match="must have q's batch 2 rows"):
+        A.kv4_prefill_attention(q, kp, vp, tables[:1], ctx)
+    with pytest.raises(FormatError, match="must be floating point"):
+        A.kv4_prefill_attention(q.int(), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="different devices"):
+        A.kv4_prefill_attention(q, kp, vp, tables, ctx.to("meta"))
+    with pytest.raises(FormatError, match="different shapes or groups"):
+        A.kv4_prefill_attention(q, kp, random_pool(3, 4, 2, 64, 64, 2), tables, ctx)
+
+
+def test_prefill_opcheck_cpu():
+    kp, vp = _pools()
+    q, ctx = torch.randn(2, 4, 3, 64), torch.tensor([5, 2])
+    tables = torch.tensor([[2, 1], [1, 0]])
+    torch.library.opcheck(torch.ops.atom.kv4_prefill_attention.default, (q, *kp, *vp, tables, ctx))
 
 
 def _pools(head_dim=64, group=32, hkv=2, device="cpu"):
@@ -738,7 +812,7 @@ def test_gpu_prefill_matches_reference():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_prefill_after_append_matches_gather_sdpa():
+def test_gpu_prefill_after_append_matches_gather_sdpa(monkeypatch):
     """The engine's order: append T new rows per sequence, then attend; the fused kernel against
     kv4_gather + SDPA (the default prefill path) on the same pages."""
     from models.engine.attention import paged_attention
@@ -758,9 +832,27 @@ def test_gpu_prefill_after_append_matches_gather_sdpa():
     q = (torch.randn(B, hq, T, D, generator=g) * 2).half().cuda()
     tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
     got = A.kv4_prefill_attention(q, *pages.layer_pools(0), tables, ctx)
-    os.environ.pop("ATOM_KV4_PREFILL", None)
+    monkeypatch.delenv(A.PREFILL_ENV, raising=False)
     want = paged_attention(q, pages, 0, tables, ctx)  # gather + SDPA
     assert (got.float() - want.float()).abs().max() < 2e-2
+    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    assert torch.equal(paged_attention(q, pages, 0, tables, ctx), got)  # the engine's opt-in path
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_engine_with_the_prefill_kernel_matches_the_plain_forward(monkeypatch):
+    """ATOM_KV4_PREFILL=kernel: chunked prefill through kv4_prefill_attention, decode as before."""
+    from models.engine import Engine, EngineConfig, SamplingParams
+    from models.engine.scheduler import Sequence
+    from test_engine import check_runner_matches_plain
+    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    model = _kv4_model()
+    engine = Engine(model, EngineConfig(page_size=16, max_context=256, max_batch=4))
+    g = torch.Generator().manual_seed(1)
+    seqs = [Sequence(f"s{i}", torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(), 32, None)
+            for i, n in enumerate((40, 17))]
+    check_runner_matches_plain(model, engine, seqs, ([25, 15], [17]), steps=4, rtol=2e-2)
 
 
 @pytest.mark.gpu
