@@ -43,9 +43,20 @@ Both use the same split rule, workspace and combine kernel. The tensor-core kern
 depth (cp.async stages per warp, default 2: 3 and 4 measured no faster on the H100) can be forced
 with ATOM_KV4_STAGES=2|3|4 (read at each call; same results, for A/B benchmarks).
 
-Prefill attention (T > 1 new tokens per row) has no kernel of its own: it is kv4_gather followed by
+    kv4_prefill_attention(q, k_pool, v_pool, block_tables, context_lens) -> [B, Hq, T, head_dim]
+        Causal prefill attention: q [B, Hq, T, head_dim] (already RoPE'd) holds T new tokens per row
+        whose K and V are already in the pages (kv4_append first: "store first, then read everything
+        back"); query t of row b sits at position context_lens[b] - T + t and sees keys 0..that position
+        (of the W * page_size its block-table row covers; none: a zero row). Scale head_dim^-0.5, GQA as
+        decode. One fused FlashAttention-2 style kernel (mma.sync, K and V tiles of the pages
+        dequantized in registers, online softmax in float32; P rounded to q's dtype for the P . V MMA).
+        UNTESTED ON A GPU so far (validated on a CPU emulation of the kernel only); reference:
+        kv4_prefill_attention_reference.
+
+Prefill attention (T > 1 new tokens per row) in the engine is, by default, kv4_gather followed by
 torch's F.scaled_dot_product_attention over the dequantized prefix plus the new tokens
-(models/engine/attention.py). Decode (T = 1) is kv4_decode_attention.
+(models/engine/attention.py); ATOM_KV4_PREFILL=kernel switches it to kv4_prefill_attention (opt-in
+until the kernel has been validated on a GPU). Decode (T = 1) is kv4_decode_attention.
 
 On CUDA tensors with the compiled extension the kernels run (attention.cu); on CPU tensors or
 without the extension the pure-torch references run. The kernels take head_dim 64 or 128, group
@@ -77,6 +88,7 @@ SPLIT_TARGET = 4        # decode CTAs per SM the split rule fills (the tensor-co
 DECODE_KERNEL_ENV = "ATOM_KV4_DECODE"  # simt | mma: force one decode kernel (benchmarking)
 DECODE_STAGES_ENV = "ATOM_KV4_STAGES"  # 2 | 3 | 4: force the tensor-core kernel's cp.async stages (benchmarking)
 DECODE_STAGES = (2, 3, 4)
+PREFILL_ENV = "ATOM_KV4_PREFILL"        # kernel | gather (default): the engine's KV4 prefill path
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -126,6 +138,22 @@ def kv4_decode_reference(q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Te
     """The paged-attention math for one query token per row, in float32 from the dequantized cache."""
     k, v = _dequantized(k_pool, block_tables), _dequantized(v_pool, block_tables)  # [B, Hkv, L, D]
     return _decode_math(q, k, v, context_lens)
+
+
+def kv4_prefill_attention_reference(q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor,
+                                    context_lens: Tensor) -> Tensor:
+    """kv4_prefill_attention's math: the dequantized pages (kv4_gather's values, in float32), causal
+    masked softmax attention of q [B, Hq, T, D] in float32 -> q's dtype; rows seeing no key are zeros."""
+    k, v = _dequantized(k_pool, block_tables), _dequantized(v_pool, block_tables)  # [B, Hkv, L, D]
+    B, Hq, T, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, T, D)  # query head h = g * R + r reads kv head g
+    scores = torch.einsum("bgrtd,bgld->bgrtl", qf, k) * D ** -0.5
+    pos = context_lens.to(q.device).long()[:, None] - T + torch.arange(T, device=q.device)[None, :]  # [B, T]
+    visible = torch.arange(L, device=q.device)[None, None, :] <= pos[:, :, None]                   # [B, T, L]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bgrtl,bgld->bgrtd", p, v).reshape(B, Hq, T, D).to(q.dtype)
 
 
 def _gathered(pool: Tensor, block_tables: Tensor) -> Tensor:
@@ -183,6 +211,15 @@ def kernels_available() -> bool:
 
 def _runs_kernel(t: Tensor) -> bool:
     return t.is_cuda and kernels_available()
+
+
+def prefill_kernel_available() -> bool:
+    """The compiled extension has kv4_prefill_attention (an extension built before it lacks it)."""
+    return _extension_has("kv4_prefill_attention")
+
+
+def _runs_prefill_kernel(t: Tensor) -> bool:
+    return _runs_kernel(t) and prefill_kernel_available()
 
 
 def paged_kernel_available() -> bool:
@@ -295,6 +332,34 @@ def _check_decode_rows(op: str, q: Tensor, block_tables: Tensor, context_lens: T
                           f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
 
 
+def check_prefill_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
+    op = "kv4_prefill_attention"
+    page_size, kv_heads, head_dim, group = _pools(k_pool, v_pool, op)
+    if not q.is_floating_point():
+        raise FormatError(f"{op}: q must be floating point, got {q.dtype}")
+    if q.dim() != 4 or q.shape[3] != head_dim:
+        raise FormatError(f"{op}: q must be [B, q_heads, T, {head_dim}] (T new tokens per row), got {tuple(q.shape)}")
+    if kv_heads == 0 or q.shape[1] % kv_heads or q.shape[1] == 0:
+        raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
+    _check_index(op, "block_tables", block_tables, 2)
+    _check_index(op, "context_lens", context_lens, 1)
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise FormatError(f"{op}: block_tables {tuple(block_tables.shape)} and context_lens "
+                          f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
+    _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool[0], v_pool=v_pool[0])
+    _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
+    if _runs_kernel(q):
+        why = None
+        if k_pool[0].shape[0] * page_size * kv_heads >= 2 ** 31:
+            why = "the pool has >= 2^31 token rows (pages * kv_heads * page_size)"
+        elif q.shape[0] > 65535 or kv_heads > 65535:
+            why = f"batch {q.shape[0]} or kv_heads {kv_heads} above 65535"
+        elif q.shape[2] * (q.shape[1] // kv_heads) > 2 ** 30:
+            why = f"T * q_heads / kv_heads = {q.shape[2] * (q.shape[1] // kv_heads)} above 2^30"
+        if why:
+            raise FormatError(f"{op}: the CUDA kernel cannot run this call: {why}")
+
+
 def check_paged_decode_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
     op = "paged_decode_attention"
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
@@ -386,6 +451,16 @@ def decode_stages() -> int:
     return int(force)
 
 
+def prefill_uses_kernel() -> bool:
+    """Whether the engine's KV4 prefill (T > 1) runs kv4_prefill_attention: only with ATOM_KV4_PREFILL=kernel
+    (read at each call) and an extension that has it. The default (unset or `gather`) is kv4_gather + SDPA,
+    until the fused kernel has been validated on a GPU (it has run on a CPU emulation only)."""
+    force = os.environ.get(PREFILL_ENV, "").strip().lower()
+    if force not in ("", "gather", "kernel"):
+        raise FormatError(f"{PREFILL_ENV}={force!r}: expected kernel or gather")
+    return force == "kernel" and prefill_kernel_available()
+
+
 def _ptrs(pool: Pool) -> list[int]:
     return [t.data_ptr() for t in pool]
 
@@ -474,6 +549,27 @@ def _launch_gather(ext, k_pool, v_pool, block_tables, dtype, stream: int) -> tup
     return k, v
 
 
+def _launch_prefill(ext, q, k_pool, v_pool, block_tables, context_lens, stream: int) -> Tensor:
+    B, q_heads, T, head_dim = q.shape
+    kv_heads, page_size = k_pool[0].shape[1], k_pool[0].shape[2]
+    W = block_tables.shape[1]
+    out = torch.empty((B, q_heads, T, head_dim), dtype=q.dtype, device=q.device)
+    if B * T == 0:
+        return out
+    if W == 0:
+        return out.zero_()
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    lens = context_lens.contiguous()
+    ext.kv4_prefill_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), _DTYPE_CODE[q.dtype],
+                              *_ptrs(k_pool), *_ptrs(v_pool), tables.data_ptr(), tables.stride(0),
+                              int(tables.dtype == torch.int64), lens.data_ptr(), int(lens.dtype == torch.int64), B,
+                              q_heads, kv_heads, T, head_dim, pool_group(k_pool), page_size, W, head_dim ** -0.5,
+                              out.data_ptr(), stream)
+    return out
+
+
 def _call(t: Tensor, launch, *args):
     """Run a launch helper on t's device and current stream with the extension's errors as FormatError."""
     from .kernels import extension
@@ -547,6 +643,20 @@ def _(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, dtype)
     return k_packed.new_empty(shape, dtype=dtype), k_packed.new_empty(shape, dtype=dtype)
 
 
+@torch.library.custom_op("atom::kv4_prefill_attention", mutates_args=())
+def _kv4_prefill_op(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor,
+                    v_scale: Tensor, v_zero: Tensor, block_tables: Tensor, context_lens: Tensor) -> Tensor:
+    k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
+    if _runs_prefill_kernel(q):
+        return _call(q, _launch_prefill, q, k_pool, v_pool, block_tables, context_lens)
+    return kv4_prefill_attention_reference(q, k_pool, v_pool, block_tables, context_lens)
+
+
+@_kv4_prefill_op.register_fake
+def _(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, context_lens):
+    return q.new_empty(q.shape)
+
+
 def kv4_append(k: Tensor, v: Tensor, slots: Tensor, k_pool: Pool, v_pool: Pool, cos: Tensor | None = None,
                sin: Tensor | None = None) -> None:
     """(RoPE on k +) INT4 quantization of k, v [N, kv_heads, head_dim] into the pools' slots [N] (module doc)."""
@@ -568,6 +678,15 @@ def kv4_gather(k_pool: Pool, v_pool: Pool, block_tables: Tensor, dtype: torch.dt
     """Dequantized K and V [B, kv_heads, W * page_size, head_dim] in `dtype` of block_tables [B, W]'s pages."""
     check_gather_args(k_pool, v_pool, block_tables, dtype)
     return _kv4_gather_op(*k_pool, *v_pool, block_tables, dtype)
+
+
+def kv4_prefill_attention(q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor,
+                          context_lens: Tensor) -> Tensor:
+    """Causal prefill attention of q [B, Hq, T, head_dim] (T new tokens per row, their K and V already
+    appended) over the paged KV4 cache -> [B, Hq, T, head_dim] in q's dtype (module doc). The fused
+    kernel is untested on GPU (CPU-emulated only): the engine uses it only with ATOM_KV4_PREFILL=kernel."""
+    check_prefill_args(q, k_pool, v_pool, block_tables, context_lens)
+    return _kv4_prefill_op(q, *k_pool, *v_pool, block_tables, context_lens)
 
 
 def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,

@@ -9,7 +9,7 @@ Layout of ``<out>/`` (default build/generated/):
     <arch>/registry.cpp            that arch's kernel table and dispatch if-chains
     registry_all.cpp               all archs' tables, and the arch choice at run time
     quant_ops.cu                   fused activation quantization + staging, built for every arch
-    attention.cu                   INT4 KV cache: append, decode attention, gather; built for every arch
+    attention.cu                   INT4 KV cache: append, decode attention, gather, prefill attention; built for every arch
     binding.cpp                    the pybind11 module atom_ops._C
     sources.cmake                  ATOM_GENERATED_ARCHS, ATOM_SOURCES_<arch>, ATOM_GENCODE_<arch>
     manifest.json                  what was emitted (names, configs, culls), for tools and tests

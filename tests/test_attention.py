@@ -2,11 +2,14 @@
 paged_decode_attention (decode over plain fp16 / bf16 pages, the fp16 / fp8 modes' baseline).
 
 CPU: the references against the model's RoPE, formats.quantize_kv / dequantize_kv and the engine's
-torch paged attention; argument errors; the decode split rule; opcheck.
+torch paged attention (decode and prefill); argument errors; the decode split rule; opcheck.
 GPU (`gpu` marker): each CUDA kernel against its reference over many shapes (kv4_append and
 kv4_gather bit-exact; decode within fp16 / bf16 output rounding), CUDA-graph capture of decode,
 and the engine on the kernels. Decode runs both kernels (ATOM_KV4_DECODE=simt and =mma, the
-tensor-core kernel, which takes float16 q). Memcheck on a few cases (both KV4 decode kernels and the paged fp16 / bf16 one):
+tensor-core kernel, which takes float16 q). kv4_prefill_attention (the fused prefill kernel, opt-in in
+the engine with ATOM_KV4_PREFILL=kernel) against its reference over 120 random shapes, after appends
+against gather + SDPA, and in the engine. Memcheck on a few cases (both KV4 decode kernels, the paged
+fp16 / bf16 one and the prefill kernel):
     compute-sanitizer --tool memcheck python tests/test_attention.py --sanitize
 """
 
@@ -154,6 +157,77 @@ def test_decode_reference_matches_the_engines_paged_attention(hq, hkv):
     got = A.kv4_decode_attention(q[:2], *pages.layer_pools(0), tables[:2], torch.tensor([0, 2]))
     want = paged_attention(q[1:2, :, None], pages, 0, tables[1:2], torch.tensor([2]))[:, :, 0]
     assert torch.equal(got[0], torch.zeros_like(got[0])) and (got[1:] - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("hq, hkv, T", [(4, 4, 3), (9, 3, 5), (8, 1, 7)])
+def test_prefill_reference_matches_the_engines_paged_attention(hq, hkv, T):
+    """kv4_prefill_attention (the reference on CPU) computes what the engine's prefill path does (pages
+    read back + SDPA with the causal mask at positions context - T + t), ragged rows included; a row whose
+    context is shorter than T gives zeros for the queries that see no key."""
+    from models.engine.attention import paged_attention
+    from models.engine.kv_cache import KV4Pages
+    D, ps = 64, 4
+    lens = [T, T + 1, T + 9, 17]
+    tables, num_pages = block_tables_for(lens, ps, 6, extra_width=1)
+    pages = KV4Pages(layers=1, num_pages=num_pages, page_size=ps, kv_heads=hkv, head_dim=D, dtype=torch.float32,
+                     device="cpu", group=32)
+    g = torch.Generator().manual_seed(7)
+    n = num_pages * ps
+    pages.write(0, torch.arange(n), torch.randn(n, hkv, D, generator=g) * 2, torch.randn(n, hkv, D, generator=g))
+    q = torch.randn(len(lens), hq, T, D, generator=g) * 2
+    ctx = torch.tensor(lens)
+    got = A.kv4_prefill_attention(q, *pages.layer_pools(0), tables, ctx)
+    want = paged_attention(q, pages, 0, tables, ctx)
+    assert got.shape == q.shape and (got - want).abs().max() < 1e-5
+    # one sequence with no cached prefix: the engine's is_causal path (context = T)
+    want = paged_attention(q[:1], pages, 0, tables[:1, :math.ceil(T / ps)], ctx[:1], T)
+    assert (A.kv4_prefill_attention(q[:1], *pages.layer_pools(0), tables[:1], ctx[:1]) - want).abs().max() < 1e-5
+    # T = 1 is decode
+    dec = A.kv4_decode_attention(q[:, :, -1], *pages.layer_pools(0), tables, ctx)
+    assert (A.kv4_prefill_attention(q[:, :, -1:], *pages.layer_pools(0), tables, ctx)[:, :, 0] - dec).abs().max() < 1e-5
+    # context shorter than T: query t sees keys 0..ctx - T + t (none for the first T - ctx)
+    short = A.kv4_prefill_attention(q[:1], *pages.layer_pools(0), tables[:1], torch.tensor([2]))
+    assert torch.equal(short[:, :, :T - 2], torch.zeros_like(short[:, :, :T - 2]))
+    assert (short[:, :, T - 2:] - A.kv4_prefill_attention(q[:1, :, T - 2:], *pages.layer_pools(0), tables[:1],
+                                                          torch.tensor([2]))).abs().max() < 1e-6
+
+
+def test_prefill_kernel_choice(monkeypatch):
+    monkeypatch.delenv(A.PREFILL_ENV, raising=False)
+    assert not A.prefill_uses_kernel()  # the default: kv4_gather + SDPA
+    monkeypatch.setenv(A.PREFILL_ENV, "gather")
+    assert not A.prefill_uses_kernel()
+    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    assert A.prefill_uses_kernel() == A.prefill_kernel_available()
+    monkeypatch.setenv(A.PREFILL_ENV, "flash")
+    with pytest.raises(FormatError, match="ATOM_KV4_PREFILL"):
+        A.prefill_uses_kernel()
+
+
+def test_prefill_errors_name_the_problem():
+    kp, vp = _pools()
+    q, tables, ctx = torch.randn(2, 4, 3, 64), torch.zeros(2, 3, dtype=torch.int32), torch.tensor([3, 4])
+    with pytest.raises(FormatError, match=r"q must be \[B, q_heads, T, 64\]"):
+        A.kv4_prefill_attention(torch.randn(2, 4, 64), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match=r"q_heads \(3\) must be a positive multiple of kv_heads \(2\)"):
+        A.kv4_prefill_attention(torch.randn(2, 3, 3, 64), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="context_lens must be a 1-D int32 or int64"):
+        A.kv4_prefill_attention(q, kp, vp, tables, ctx.float())
+    with pytest.raises(FormatError, match="must have q's batch 2 rows"):
+        A.kv4_prefill_attention(q, kp, vp, tables[:1], ctx)
+    with pytest.raises(FormatError, match="must be floating point"):
+        A.kv4_prefill_attention(q.int(), kp, vp, tables, ctx)
+    with pytest.raises(FormatError, match="different devices"):
+        A.kv4_prefill_attention(q, kp, vp, tables, ctx.to("meta"))
+    with pytest.raises(FormatError, match="different shapes or groups"):
+        A.kv4_prefill_attention(q, kp, random_pool(3, 4, 2, 64, 64, 2), tables, ctx)
+
+
+def test_prefill_opcheck_cpu():
+    kp, vp = _pools()
+    q, ctx = torch.randn(2, 4, 3, 64), torch.tensor([5, 2])
+    tables = torch.tensor([[2, 1], [1, 0]])
+    torch.library.opcheck(torch.ops.atom.kv4_prefill_attention.default, (q, *kp, *vp, tables, ctx))
 
 
 def _pools(head_dim=64, group=32, hkv=2, device="cpu"):
@@ -678,6 +752,121 @@ def test_gpu_paged_kernel_limits_and_opcheck():
     tables = torch.tensor([[2, 1], [0, 0]], device="cuda")
     torch.library.opcheck(torch.ops.atom.paged_decode_attention.default, (q, kp, vp, tables, ctx, 0))
 
+# ------------------------------------------------------------ kv4_prefill_attention (GPU)
+
+PREFILL_LAYOUTS = [(8, 8, 128), (32, 8, 128), (9, 3, 64), (8, 1, 64), (24, 3, 128), (12, 4, 64), (4, 4, 64),
+                   (16, 2, 128)]  # (Hq, Hkv, D): GQA 1, 2, 3, 4, 8
+
+
+def prefill_cases(n=120, seed=0):
+    """Random prefill shapes: T = 1..130 new tokens, contexts 1..600 (ragged rows; some shorter than T, whose
+    first queries see nothing), D 64 / 128 with every group, GQA 1..8, page sizes 1..32, fp16 / bf16."""
+    rng = random.Random(seed)
+    for i in range(n):
+        hq, hkv, d = PREFILL_LAYOUTS[i % len(PREFILL_LAYOUTS)]
+        group = rng.choice([g for g in A.GROUPS if d % g == 0])
+        ps = rng.choice([1, 5, 16, 16, 32])
+        b = rng.choice([1, 1, 2, 3, 4])
+        T = rng.choice([1, 2, 7, 15, 16, 17, 63, 64, 65, 100, 128, 129, 130, rng.randint(1, 130)])
+        special = [T, T, T + 1, T + 63, T + 64, T + 65, 127, 128, 129, 600, max(1, T - 3)]
+        lens = [min(600, rng.choice(special) if rng.random() < 0.7 else rng.randint(T, 600)) for _ in range(b)]
+        dtype = (torch.float16, torch.bfloat16)[(i // len(PREFILL_LAYOUTS)) % 2]
+        yield (b, hq, hkv, d, group, ps, T, lens, dtype, rng.choice([torch.int32, torch.int64]),
+               rng.choice([0.5, 2.0, 6.0]))
+
+
+def run_prefill_case(b, hq, hkv, d, group, ps, T, lens, dtype, index_dtype, q_scale, seed, strided=False):
+    """(kernel output, reference output, max |v| of the pages read)."""
+    tables, pages = block_tables_for(lens, ps, seed, extra_width=seed % 3, index_dtype=index_dtype)
+    kp, vp = (random_pool(pages, ps, hkv, d, group, seed + s, GPU) for s in (1, 2))
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, T, hq, d, generator=g) * q_scale).to(dtype).to(GPU)
+    q = q.transpose(1, 2) if strided else q.transpose(1, 2).contiguous()  # the model's q is [B, Hq, T, D] (a view)
+    tables, ctx = tables.to(GPU), torch.tensor(lens, dtype=index_dtype, device=GPU)
+    got = A.kv4_prefill_attention(q, kp, vp, tables, ctx)
+    want = A.kv4_prefill_attention_reference(q, kp, vp, tables, ctx)
+    vmax = float(formats.dequantize_kv(*vp, group).abs().max())
+    return got, want, vmax
+
+
+# Prefill tolerance, relative to max |v|: as decode, plus P rounded to bfloat16 for the P . V MMA.
+PREFILL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def prefill_case_ok(got, want, vmax, dtype) -> tuple[bool, float]:
+    err = float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+    return bool(torch.isfinite(got).all()) and got.shape == want.shape and err <= PREFILL_TOL[dtype] * vmax, err
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_prefill_matches_reference():
+    bad = []
+    for i, case in enumerate(prefill_cases()):
+        got, want, vmax = run_prefill_case(*case, seed=800 + i, strided=i % 2 == 1)
+        ok, err = prefill_case_ok(got, want, vmax, case[8])
+        if not ok:
+            bad.append(f"case {i} {case[:7]} lens={case[7]} {case[8]}: err {err:.3g} (tol {PREFILL_TOL[case[8]] * vmax:.3g})")
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_prefill_after_append_matches_gather_sdpa(monkeypatch):
+    """The engine's order: append T new rows per sequence, then attend; the fused kernel against
+    kv4_gather + SDPA (the default prefill path) on the same pages."""
+    from models.engine.attention import paged_attention
+    from models.engine.kv_cache import KV4Pages
+    B, T, hq, hkv, D, ps = 2, 37, 8, 2, 128, 16
+    prefix = [50, 0]
+    lens = [p + T for p in prefix]
+    tables, num_pages = block_tables_for(lens, ps, 4, extra_width=1)
+    pages = KV4Pages(layers=1, num_pages=num_pages, page_size=ps, kv_heads=hkv, head_dim=D, dtype=torch.float16,
+                     device="cuda", group=64)
+    g = torch.Generator().manual_seed(3)
+    slot = lambda b, j: int(tables[b, j // ps]) * ps + j % ps
+    all_slots = torch.tensor([slot(b, j) for b in range(B) for j in range(lens[b])], device="cuda")
+    n = len(all_slots)
+    pages.write(0, all_slots, (torch.randn(n, hkv, D, generator=g) * 2).half().cuda(),
+                torch.randn(n, hkv, D, generator=g).half().cuda())
+    q = (torch.randn(B, hq, T, D, generator=g) * 2).half().cuda()
+    tables, ctx = tables.cuda(), torch.tensor(lens, device="cuda")
+    got = A.kv4_prefill_attention(q, *pages.layer_pools(0), tables, ctx)
+    monkeypatch.delenv(A.PREFILL_ENV, raising=False)
+    want = paged_attention(q, pages, 0, tables, ctx)  # gather + SDPA
+    assert (got.float() - want.float()).abs().max() < 2e-2
+    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    assert torch.equal(paged_attention(q, pages, 0, tables, ctx), got)  # the engine's opt-in path
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_engine_with_the_prefill_kernel_matches_the_plain_forward(monkeypatch):
+    """ATOM_KV4_PREFILL=kernel: chunked prefill through kv4_prefill_attention, decode as before."""
+    from models.engine import Engine, EngineConfig, SamplingParams
+    from models.engine.scheduler import Sequence
+    from test_engine import check_runner_matches_plain
+    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    model = _kv4_model()
+    engine = Engine(model, EngineConfig(page_size=16, max_context=256, max_batch=4))
+    g = torch.Generator().manual_seed(1)
+    seqs = [Sequence(f"s{i}", torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(), 32, None)
+            for i, n in enumerate((40, 17))]
+    check_runner_matches_plain(model, engine, seqs, ([25, 15], [17]), steps=4, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_prefill_opcheck_and_limits():
+    kp, vp = _pools(device="cuda")
+    q, ctx = torch.randn(2, 4, 3, 64, device="cuda").half(), torch.tensor([5, 3], device="cuda")
+    tables = torch.tensor([[2, 1], [0, 0]], device="cuda")
+    torch.library.opcheck(torch.ops.atom.kv4_prefill_attention.default, (q, *kp, *vp, tables, ctx))
+    kp, vp = (random_pool(3, 4, 2, 96, 32, s, "cuda") for s in (1, 2))
+    with pytest.raises(FormatError, match="head_dim 96"):
+        A.kv4_prefill_attention(torch.randn(1, 2, 3, 96, device="cuda").half(), kp, vp, tables[:1], ctx[:1])
+
+
 # ------------------------------------------------------------------------- sanitizer
 
 def sanitize_main() -> int:
@@ -722,6 +911,17 @@ def sanitize_main() -> int:
         ok, _ = paged_case_ok(got, want, vmax, case[6])
         bad += not ok
         print(f"sanitize paged_decode_attention {case[:6]}: {'ok' if ok else 'BAD'}")
+    prefill = [(2, 8, 2, 128, 64, 16, 37, [87, 37], torch.float16, torch.int64, 2.0),
+               (3, 9, 3, 64, 32, 5, 65, [65, 600, 60], torch.bfloat16, torch.int32, 1.0),
+               (1, 32, 8, 128, 32, 32, 130, [131], torch.float16, torch.int32, 6.0),
+               (2, 4, 4, 64, 64, 1, 1, [1, 200], torch.bfloat16, torch.int64, 0.5),
+               (2, 16, 2, 128, 128, 16, 17, [17, 300], torch.bfloat16, torch.int64, 2.0)]
+    for i, case in enumerate(prefill):
+        got, want, vmax = run_prefill_case(*case, seed=900 + i, strided=i % 2 == 0)
+        torch.cuda.synchronize()
+        ok, _ = prefill_case_ok(got, want, vmax, case[8])
+        bad += not ok
+        print(f"sanitize kv4_prefill_attention {case[:8]}: {'ok' if ok else 'BAD'}")
     print("sanitize done", "FAIL" if bad else "ok")
     return 1 if bad else 0
 

@@ -117,7 +117,8 @@ def test_compile_one_kernel(arch, family, tmp_path):
 # The plain CUDA TUs built once for every arch (sources.cmake ATOM_MULTIARCH_SOURCES): compiled for
 # sm80 and sm90a in one nvcc call, no CUTLASS (~20 s cold for attention.cu).
 MULTIARCH_CASES = [("attention.cu", ("kv4_append", "kv4_decode_attention", "kv4_gather", "check_kv4_decode",
-                                    "paged_decode_attention", "check_paged_decode")),
+                                    "paged_decode_attention", "check_paged_decode", "kv4_prefill_attention",
+                                    "check_kv4_prefill")),
                    ("quant_ops.cu", ("quantize_rows", "check_quantize", "stage_packed"))]
 
 
