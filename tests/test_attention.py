@@ -20,7 +20,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 
 import pytest
 import torch
@@ -839,20 +838,65 @@ def test_gpu_prefill_after_append_matches_gather_sdpa(monkeypatch):
     assert torch.equal(paged_attention(q, pages, 0, tables, ctx), got)  # the engine's opt-in path
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_engine_with_the_prefill_kernel_matches_the_plain_forward(monkeypatch):
-    """ATOM_KV4_PREFILL=kernel: chunked prefill through kv4_prefill_attention, decode as before."""
+def _engine_prefill_then_decode(monkeypatch, prefill_env: str | None):
+    """The engine's chunked prefill (two rounds, packed segments with and without a cached prefix)
+    then 4 decode steps of a small KV4 model: (prefill logits per round, decode logits per step,
+    each layer's packed K and V pages)."""
     from models.engine import Engine, EngineConfig, SamplingParams
+    from models.engine.kv_cache import pages_for
     from models.engine.scheduler import Sequence
-    from test_engine import check_runner_matches_plain
-    monkeypatch.setenv(A.PREFILL_ENV, "kernel")
+    if prefill_env is None:
+        monkeypatch.delenv(A.PREFILL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(A.PREFILL_ENV, prefill_env)
     model = _kv4_model()
     engine = Engine(model, EngineConfig(page_size=16, max_context=256, max_batch=4))
     g = torch.Generator().manual_seed(1)
     seqs = [Sequence(f"s{i}", torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(), 32, None)
             for i, n in enumerate((40, 17))]
-    check_runner_matches_plain(model, engine, seqs, ([25, 15], [17]), steps=4, rtol=2e-2)
+    for seq in seqs:
+        seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens + 8, 16))
+    prefill, decode = [], []
+    for chunks in ([(0, 25), (1, 17)], [(0, 15)]):
+        prefill.append(engine.runner.prefill([(seqs[i], n) for i, n in chunks]).float())
+        for i, n in chunks:
+            seqs[i].num_cached += n
+    for step in range(4):
+        for seq, tok in zip(seqs, (7 + step, 20 + step)):
+            seq.output_ids.append(tok)
+        decode.append(engine.runner.decode(seqs).float())
+        for seq in seqs:
+            seq.num_cached += 1
+    pages = engine.runner.pages
+    packed = [[pages.layer_pools(layer)[kv][0].clone() for kv in (0, 1)] for layer in range(2)]
+    return prefill, decode, packed
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_engine_with_the_prefill_kernel_matches_the_default_path(monkeypatch):
+    """ATOM_KV4_PREFILL=kernel against the default prefill (kv4_gather + SDPA) in the engine. The two
+    attention outputs differ by rounding only (test above); through a second layer such a difference
+    can move a K / V value across an INT4 step of that layer's cache (measured on the H100: 26 and 32 of
+    133120 nibbles, one step each), which the decode steps then see: so the check is on the pages
+    (layer 0, written before any attention, identical; later layers: a few nibbles, one step) and on
+    the prefill logits, and decode only loosely."""
+    base = _engine_prefill_then_decode(monkeypatch, None)
+    fused = _engine_prefill_then_decode(monkeypatch, "kernel")
+    for want, got in zip(base[0] + base[1], fused[0] + fused[1]):
+        assert torch.isfinite(got).all() and got.shape == want.shape
+    for want, got in zip(base[0], fused[0]):
+        assert (got - want).abs().max() <= 3e-2 * want.abs().max(), (got - want).abs().max()
+    for want, got in zip(base[1], fused[1]):
+        assert (got - want).abs().max() <= 0.1 * want.abs().max(), (got - want).abs().max()
+    nibbles = lambda t: torch.stack([(t & 15).int(), (t >> 4).int()], -1)
+    for layer, (want_kv, got_kv) in enumerate(zip(base[2], fused[2])):
+        for want, got in zip(want_kv, got_kv):
+            step = (nibbles(got) - nibbles(want)).abs()
+            if layer == 0:
+                assert torch.equal(got, want)
+            else:
+                assert step.max() <= 1 and (step > 0).sum() <= 1e-3 * step.numel(), (layer, int((step > 0).sum()))
 
 
 @pytest.mark.gpu
@@ -935,6 +979,6 @@ def test_kv4_splits_bench_cases_parse():
 
 
 if __name__ == "__main__":
-    if "--sanitize" in sys.argv:
-        raise SystemExit(sanitize_main())
+    from sanitize import run_if_asked
+    run_if_asked(sanitize_main)
 

@@ -13,7 +13,6 @@ also run at prefill sizes. Tolerance: float summation order only.
 from __future__ import annotations
 
 import random
-import sys
 
 import pytest
 import torch
@@ -275,5 +274,5 @@ def sanitize_main() -> int:
 
 
 if __name__ == "__main__":
-    if "--sanitize" in sys.argv:
-        raise SystemExit(sanitize_main())
+    from sanitize import run_if_asked
+    run_if_asked(sanitize_main)

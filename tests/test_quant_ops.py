@@ -3,6 +3,8 @@
 CPU: the op's reference path, the prologue references against the model's modules, errors.
 GPU (`gpu` marker): the CUDA kernel against the reference over many shapes (bit-exact for the
 "none" and "silu_mul" prologues), its staged output against atom_ops.staging, and opcheck.
+Memcheck on a few launches:
+    compute-sanitizer --tool memcheck python tests/test_quant_ops.py --sanitize
 """
 
 from __future__ import annotations
@@ -225,3 +227,29 @@ def test_quantized_linear_kernels_match_reference():
         a = quant_ops.quantize_activation(x, spec, perm, 0.9, prologue, weight)
         _, max_rel, nbad, _ = compare(got, formats.w4a4_matmul_reference(a, w, dtype, res), dtype)
         assert nbad == 0, (m, n, spec, prologue, dtype, residual, max_rel)
+
+
+# ------------------------------------------------------------------------- sanitizer
+
+def sanitize_main() -> int:
+    """A few launches (small-M split, outliers, large-M L2 prefetch, staged output), for
+    `compute-sanitizer --tool memcheck python tests/test_quant_ops.py --sanitize`."""
+    bad = 0
+    for i, (m, k, prologue) in enumerate([(1, 4096, "rmsnorm"), (16, 14336, "silu_mul"), (700, 4096, "rmsnorm"),
+                                          (600, 576, "none"), (600, 11008, "silu_mul"), (3, 1536, "silu_mul")]):
+        spec = QuantSpec(k, 128, formats.choose_outliers(k, 128, 128))
+        x, perm, weight = _case(m, spec, prologue, torch.float16, "cuda", 900 + i)
+        got, _ = kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, 1e-5, staged=True)
+        torch.cuda.synchronize()
+        want = _reference(x, spec, perm, 0.9, prologue, weight)
+        steps = int((got.int_values().int() - want.int_values().int()).abs().max())
+        ok = steps <= (1 if prologue == "rmsnorm" else 0)  # rmsnorm: rstd's last bit (test_kernel_matches_reference)
+        bad += not ok
+        print(f"sanitize quantize_rows M={m} K={k} {prologue}: {'ok' if ok else f'BAD (max step {steps})'}")
+    print("sanitize done", "FAIL" if bad else "ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    from sanitize import run_if_asked
+    run_if_asked(sanitize_main)

@@ -7,7 +7,7 @@ block-table width, with no host syncs, so it also runs inside a captured CUDA gr
   contiguous fp16/bf16 K and V) followed by torch's scaled_dot_product_attention, i.e. prefill
   compute is SDPA over the dequantized prefix plus the new tokens. With ATOM_KV4_PREFILL=kernel
   prefill is instead the fused kv4_prefill_attention kernel (FlashAttention-2 style straight from
-  the pages); opt-in: that kernel is untested on a GPU so far.
+  the pages); opt-in: on the H100 it is slower than gather + SDPA except with a long cached prefix.
 - float pages on a GPU whose shape the kernel takes: decode is atom_ops' paged decode-attention
   kernel (same design as the KV4 one, fp16/bf16 rows), prefill reads the pages back for SDPA.
 - otherwise (the CPU, other shapes): the pages read back in torch and SDPA.
@@ -99,7 +99,7 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
         k_pool, v_pool = pages.layer_pools(layer)
         if T == 1:
             return kv4_decode_attention(q[:, :, 0], k_pool, v_pool, block_tables, context_lens)[:, :, None]
-        if prefill_uses_kernel():  # ATOM_KV4_PREFILL=kernel (opt-in, untested on GPU)
+        if prefill_uses_kernel():  # ATOM_KV4_PREFILL=kernel (opt-in)
             return kv4_prefill_attention(q, k_pool, v_pool, block_tables, context_lens)
         k, v = kv4_gather(k_pool, v_pool, block_tables, q.dtype)       # [B, Hkv, L, D]
     else:
