@@ -11,16 +11,31 @@ previous step's argmax on the device: one gather between the copy and the replay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ..llama import rope_type
 from .attention import PagedBatch
 from .kv_cache import NULL_PAGE
-from .runner import ModelRunner
+from .runner import DeviceFeed, ModelRunner
 from .scheduler import Sequence
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def decode_buckets(buckets, max_batch: int) -> list[int]:
+    """The padded decode batch sizes: the configured buckets below max_batch, and max_batch."""
+    return sorted({b for b in buckets if b < max_batch} | {max_batch})
+
+
+def bucket_for(buckets: list[int], n: int) -> int:
+    """The smallest of the (sorted) buckets that holds n rows."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"decode batch {n} exceeds the largest bucket {buckets[-1]}")
 
 
 def check_graphable(runner: ModelRunner) -> None:
@@ -31,14 +46,26 @@ def check_graphable(runner: ModelRunner) -> None:
         raise ValueError("CUDA-graph decode does not support rope_scaling type 'dynamic'")
 
 
+@dataclass
+class BucketGraph:
+    """One bucket's captured decode step and the buffers a replay refills."""
+
+    graph: torch.cuda.CUDAGraph
+    pinned: Tensor           # pinned host twin of `flat` (ModelRunner.decode_host writes it)
+    written: list            # decode_host's record of what pinned's table rows hold
+    copied: torch.cuda.Event  # recorded after the last host-to-device copy out of `pinned`
+    flat: Tensor             # all device inputs, one buffer (ModelRunner.split_decode_inputs)
+    ids: Tensor              # flat's input-id view
+    src: Tensor              # flat's source-row view (device-fed ids, overlap.py)
+    logits: Tensor           # the graph's output
+
+
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, buckets=DEFAULT_BUCKETS):
         check_graphable(runner)
         self.runner = runner
-        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
-        # rows -> (graph, pinned host twin of the inputs, what its table rows hold (decode_host),
-        #          event after its last copy, flat device inputs, their ids and src views, logits)
-        self.graphs: dict[int, tuple] = {}
+        self.buckets = decode_buckets(buckets, max_batch)
+        self.graphs: dict[int, BucketGraph] = {}  # by rows
         self.pool = None
 
     @torch.no_grad()
@@ -65,27 +92,21 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = r.forward(ids, positions, batch)
             self.pool = graph.pool()
-            self.graphs[rows] = (graph, pinned, written, torch.cuda.Event(), flat, ids, src, logits)
-
-    def bucket_for(self, n: int) -> int:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"decode batch {n} exceeds the largest captured bucket {self.buckets[-1]}")
+            self.graphs[rows] = BucketGraph(graph, pinned, written, torch.cuda.Event(), flat, ids, src, logits)
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence], feed: tuple[Tensor, list[int]] | None = None) -> Tensor:
+    def decode(self, seqs: list[Sequence], feed: DeviceFeed | None = None) -> Tensor:
         """Replay the bucket's graph for seqs -> logits [len(seqs), vocab] (a view of the graph's
-        output: read it before the next replay of this bucket). feed = (tokens, src): as
+        output: read it before the next replay of this bucket). feed: as
         ModelRunner.decode, gathered on the device after the copy, before the replay."""
-        rows = self.bucket_for(len(seqs))
-        graph, pinned, written, copied, flat, ids, src, logits = self.graphs[rows]
-        copied.synchronize()  # the previous step's copy out of the pinned buffer is done
-        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=pinned.numpy(), written=written,
-                                src=feed[1] if feed else None)
-        flat.copy_(pinned, non_blocking=True)
-        copied.record()
+        rows = bucket_for(self.buckets, len(seqs))
+        g = self.graphs[rows]
+        g.copied.synchronize()  # the previous step's copy out of the pinned buffer is done
+        self.runner.decode_host(seqs, rows, self.runner.max_pages_per_seq, out=g.pinned.numpy(), written=g.written,
+                                src=feed.src if feed else None)
+        g.flat.copy_(g.pinned, non_blocking=True)
+        g.copied.record()
         if feed is not None:
-            self.runner.feed_input_ids(ids, src, len(seqs), feed[0])
-        graph.replay()
-        return logits[: len(seqs)]
+            self.runner.feed_input_ids(g.ids, g.src, len(seqs), feed.tokens)
+        g.graph.replay()
+        return g.logits[: len(seqs)]

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..llama import rope_type
-from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
+from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, bucket_for, decode_buckets
 from .fused_layers import fuse_atom_layers
 from .kv_cache import PageAllocator, make_pages, page_bytes, pages_for
 from .overlap import PLACEHOLDER, PendingDecode, TokenReadback
-from .runner import ModelRunner
+from .runner import DeviceFeed, ModelRunner
 from .sampling import RequestError, SamplingParams, make_generator, sample_batch
 from .scheduler import Scheduler, Sequence
 
@@ -107,8 +107,9 @@ class Engine:
             self.graphs = DecodeGraphs(self.runner, config.max_batch, config.graph_buckets)
             self.graphs.capture()
         self.overlap = config.cuda_graphs if config.overlap_decode is None else config.overlap_decode
-        # without graphs, decode pads to the graph buckets' shapes when asked, and always when overlapped
-        self._pad_decode = config.static_decode_shapes or self.overlap
+        # decode pads to the bucket shapes with graphs, when overlapped, and when asked (CPU tests of those shapes)
+        self._pad_decode = config.static_decode_shapes or self.overlap or self.graphs is not None
+        self._buckets = decode_buckets(config.graph_buckets, config.max_batch)  # the same as DecodeGraphs'
         self._readback = TokenReadback(self.device, config.max_batch)
         self._pending: PendingDecode | None = None  # a launched decode step whose tokens are not read yet
         self.eos_token_ids = frozenset(t for t in eos_token_ids if t is not None)
@@ -234,15 +235,11 @@ class Engine:
                               len(s.prompt_ids), len(s.output_ids)) for s in failed]
 
     def _decode_rows(self, n: int) -> int:
-        """The rows a decode step of n sequences runs with (its graph bucket, or n when unpadded)."""
-        if self.graphs is not None:
-            return self.graphs.bucket_for(n)
-        if self._pad_decode:
-            return next((b for b in sorted(self.config.graph_buckets) if b >= n), n)
-        return n
+        """The rows a decode step of n sequences runs with (its bucket, or n when unpadded)."""
+        return bucket_for(self._buckets, n) if self._pad_decode else n
 
-    def _decode(self, seqs: list[Sequence], feed=None) -> torch.Tensor:
-        """Logits [len(seqs), vocab]; feed = (device tokens, src rows) as in ModelRunner.decode."""
+    def _decode(self, seqs: list[Sequence], feed: DeviceFeed | None = None) -> torch.Tensor:
+        """Logits [len(seqs), vocab]; feed as in ModelRunner.decode."""
         if self.graphs is not None:
             return self.graphs.decode(seqs, feed)
         if self._pad_decode:
@@ -283,7 +280,7 @@ class Engine:
         feed = None
         if prev is not None:
             row = {id(s): i for i, s in enumerate(prev.seqs)}
-            feed = (prev.tokens, [row[id(s)] for s in seqs])
+            feed = DeviceFeed(prev.tokens, [row[id(s)] for s in seqs])
         tokens = self._decode(seqs, feed).argmax(dim=-1)  # the same argmax as sample_batch's greedy rows
         host, ready = self._readback.start(tokens)
         index = []

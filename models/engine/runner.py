@@ -10,6 +10,7 @@ path also runs eagerly, which is how the CPU tests cover it.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,14 @@ from torch import Tensor
 from .attention import PagedBatch
 from .kv_cache import NULL_PAGE
 from .scheduler import Sequence
+
+
+class DeviceFeed(NamedTuple):
+    """Input ids taken on the device from the previous step's argmax (an overlapped decode step,
+    overlap.py): sequence i's input id is tokens[src[i]]."""
+
+    tokens: Tensor   # [previous step's rows] on the device
+    src: list[int]   # per sequence of this step, its row in the previous step
 
 
 class ModelRunner:
@@ -130,14 +139,14 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence], rows: int | None = None, full_width: bool = False,
-               feed: tuple[Tensor, list[int]] | None = None) -> Tensor:
+               feed: DeviceFeed | None = None) -> Tensor:
         """One token for each sequence -> logits [len(seqs), vocab]. rows / full_width pad the
-        batch to the fixed shapes of a CUDA graph bucket (null rows are dropped). feed = (tokens, src):
-        sequence i's input id is tokens[src[i]] (a device tensor: the previous step's argmax)."""
+        batch to the fixed shapes of a CUDA graph bucket (null rows are dropped). feed: input ids
+        from the device (DeviceFeed) instead of the sequences' last tokens."""
         ids, positions, tables, lens, slots, src = self.decode_inputs(
-            seqs, rows, self.max_pages_per_seq if full_width else None, feed[1] if feed else None)
+            seqs, rows, self.max_pages_per_seq if full_width else None, feed.src if feed else None)
         if feed is not None:
-            self.feed_input_ids(ids, src, len(seqs), feed[0])
+            self.feed_input_ids(ids, src, len(seqs), feed.tokens)
         return self.forward(ids, positions, PagedBatch(self.pages, tables, lens, slots))[: len(seqs)]
 
     # ---------------------------------------------------------------- helpers
