@@ -10,9 +10,10 @@ Families:
            (INT4 mma is emulated on Hopper: on sm_90+ it runs as two INT8 mmas).
            Schedule "stream" (name suffix ``_stream``, templates/atom_w4a4_stream.cuh.j2) is the
            decode kernel of the family: swap-AB, 4-bit weights streamed through a per-warp
-           cp.async ring into u8 x u8 mma fragments, the CTA's ``warps_k`` warps splitting K
-           (``_kw<n>``). There tile_m = tokens per CTA (= warp_m), warp_n = weight rows per warp
-           (16 or 32), tile_k = 128 (one 64-byte chunk per row), stages = chunks in flight per warp.
+           cp.async ring into s8 x s8 mma fragments (16 x the nibbles, no offsets), the CTA's
+           ``warps_k`` warps splitting K in contiguous ranges (``_kw<n>``). There tile_m = tokens
+           per CTA (= warp_m), warp_n = weight rows per warp (16 or 32), tile_k = 128 (one 64-byte
+           chunk per row), stages = chunks in flight per warp (shared memory, not registers).
     wgmma  the Hopper (sm90a) family: CUTLASS 3.x blockwise-scaling FP8 wgmma mainloop over the
            staged "digit plane" operands of atom_ops/staging.py (exact small integers in e4m3,
            promoted to float after every 128-column group). Group 128 only; ``swap_ab`` puts
@@ -70,9 +71,10 @@ SCHEDULES = {"mma": ("multistage", "stream"), "wgmma": ("cooperative", "pingpong
 # accumulators: k-tile k-1 is promoted while k-tile k's wgmmas run). Name suffix _ovl.
 PROMOTIONS = ("stock", "overlap")
 MAX_ACCUMULATOR_REGS = 128  # int32 + float accumulators per thread (mma family)
-# stream schedule: registers per thread for the chunks in flight, accumulators and corrections
-# (StreamTraits); beyond this ptxas spills or occupancy collapses.
-MAX_STREAM_REGS = 168
+# stream schedule: estimated registers per thread (KernelConfig.stream_regs: the current chunk,
+# its mma fragments, int32 + float accumulators, copy pointers); beyond this ptxas spills (the
+# level-1 64-token tile, estimated 212, compiles to 176-184 without spills, ptxas -v).
+MAX_STREAM_REGS = 224
 STREAM_CHUNK_K = 128      # INT4 values per row per chunk (64 bytes)
 
 
@@ -168,7 +170,7 @@ class KernelConfig:
         if self.family == "wgmma":  # stages = 0: the builder fills shared memory (one stage here)
             per_stage = (self.tile_m + self.tile_n) * (self.tile_k + 4) + 32
             return max(self.stages, 1) * per_stage + WGMMA_EPILOGUE_SMEM
-        if self.schedule == "stream":  # reduction buffer + per-warp chunk rings (+ activation scales, by K)
+        if self.schedule == "stream":  # reduction buffer + per-warp chunk rings (+ the scales, by K)
             slots = 2 * (self.warp_n // 16) + self.tile_m // 8
             return self.warps_k * self.tile_m * (self.tile_n + 4) * 4 + self.threads * self.stages * slots * 16
         return self.stages * (self.tile_m + self.tile_n) * (self.tile_k // 2 + 16)
@@ -183,10 +185,15 @@ class KernelConfig:
 
     @property
     def stream_regs(self) -> int:
-        """stream schedule: registers per thread for the weight scales in flight, the current
-        chunk, int32 + float accumulators and the sum(ua) / sum(uw) offsets."""
+        """stream schedule: estimated registers per thread: the current chunk's words and one
+        k-step's mma fragments (2 x (8 per 16-row tile + 4 per 8-token tile)), the int32
+        accumulators (carried and per-chunk, two sets for tiles of <= 2 mma tiles) and the float
+        ones, the copy pointers, ~20 scalars. The chunks in flight live in shared memory, so
+        stages cost none. Matches ptxas within ~10% on the built tiles (64-71 for 16 rows x 8
+        tokens, 80 for x 16, 110-124 for 32 rows x 8 tokens, 112-126 for x 32 tokens)."""
         rt, nt = self.warp_n // 16, self.tile_m // 8
-        return 2 * rt * self.stages + 8 * rt + 4 * nt + 8 * rt * nt + 4 * nt + 4 * rt
+        sets = 2 if rt * nt <= 2 else 1
+        return 20 + 2 * (8 * rt + 4 * nt) + 8 * rt * nt * sets + 4 * rt * nt + 2 * (2 * rt + nt)
 
     @property
     def cxx_out(self) -> str:
@@ -285,7 +292,7 @@ def _check_stream(self: KernelConfig, info: ArchInfo, bad) -> None:
     if self.outliers is not None and (self.outliers < 0 or self.outliers % (STREAM_CHUNK_K // 2)):
         bad(f"outliers={self.outliers} must be a multiple of {STREAM_CHUNK_K // 2}")
     if self.stream_regs > MAX_STREAM_REGS:
-        bad(f"needs about {self.stream_regs} registers per thread (stages x chunk buffers + accumulators), "
+        bad(f"needs about {self.stream_regs} registers per thread (chunk, fragments, accumulators), "
             f"more than {MAX_STREAM_REGS}")
     if self.smem_bytes > info.smem_bytes * 3 // 4:
         bad(f"reduction buffer and chunk rings take {self.smem_bytes} B: too little shared memory left "

@@ -37,16 +37,25 @@ LEVEL1 = (
     KernelConfig("mma", "sm80", 16, 64, 128, 16, 16, 4, split_k=True),
 )
 # The mma family's decode kernel (schedule "stream": swap-AB, 4-bit weights streamed through a
-# per-warp cp.async ring into u8 x u8 mma fragments, K split over 4 warps of the CTA): 16 tokens x
+# per-warp cp.async ring into s8 x s8 mma fragments, K split over 4 warps of the CTA): 16 tokens x
 # 32 weight rows per CTA, 4 chunks (64 bytes per row) in flight per warp. Group % 128 == 0,
 # outliers % 64 == 0. Level-1 variants fit every arch's shared memory (sm86 / sm89: 99 KB).
 STREAM = KernelConfig("mma", "sm80", tile_m=16, tile_n=32, tile_k=128, warp_m=16, warp_n=16, stages=4,
                       warps_k=4, schedule="stream")
 # 8 tokens per CTA, 3 chunks in flight (more CTAs per SM): the fastest at M <= 8 on our H100
-# (1.2-1.4 TB/s of 4-bit weights at M = 1 on the Llama-7B shapes).
+# before the s8 x s8 rewrite (1.2-1.4 TB/s of 4-bit weights at M = 1 on the Llama-7B shapes).
 STREAM_M8 = STREAM.replace(tile_m=8, warp_m=8, stages=3)
+# Tuning candidates (python .dev/time_stream.py on a level-1 build times them all): deeper rings,
+# twice the CTAs (tile_n 16: 1 row warp x 8 K warps, every chunk of a K = 4096 row in flight at
+# once), 32 rows per warp, split-K for the 8-token tile (N = 4096 fills only 128 CTAs), and the
+# larger token tiles.
 STREAM_LEVEL1 = (
-    STREAM.replace(tile_m=8, warp_m=8, stages=5),
+    STREAM_M8.replace(stages=5),
+    STREAM_M8.replace(tile_n=16, warps_k=8, stages=5),
+    STREAM_M8.replace(tile_n=16, stages=6),
+    STREAM_M8.replace(tile_n=64, warp_n=32),
+    STREAM_M8.replace(stages=4, split_k=True),
+    STREAM.replace(tile_n=16, warps_k=8),
     STREAM.replace(tile_n=64, warps_k=2),
     STREAM.replace(tile_n=64, warp_n=32, stages=2),
     STREAM.replace(tile_m=32, warp_m=32, stages=2),

@@ -111,7 +111,7 @@ def test_stream_schedule_naming_rules_and_render(tmp_path):
     src = (out / "sm90a" / f"{s90.name}.cu").read_text()
     assert "atom::mma_family::StreamTraits<16, 16, 2, 4, 4, __half, false>" in src
     assert "mma_family::stream_check<KT>(p)" in src and "mma_family::stream_launch<KT>(p, stream)" in src
-    assert "u8 x u8 mma" in (out / "include" / "atom_w4a4_stream.cuh").read_text()
+    assert "s8 x s8 mma" in (out / "include" / "atom_w4a4_stream.cuh").read_text()
     reg = (out / "sm90a" / "registry.cpp").read_text()
     assert f'if (M <= 8) return {{"{STREAM_M8.replace(arch="sm90a").name}", 1}};' in reg
 
