@@ -3,7 +3,7 @@
 CPU: the op's reference path, the prologue references against the model's modules, errors.
 GPU (`gpu` marker): the CUDA kernel against the reference over many shapes (bit-exact for the
 "none" and "silu_mul" prologues), its staged output against atom_ops.staging, and opcheck.
-Memcheck on a few launches:
+Memcheck on a few cases of every prologue, dtype and launch shape:
     compute-sanitizer --tool memcheck python tests/test_quant_ops.py --sanitize
 """
 
@@ -151,6 +151,56 @@ def test_kernel_rounds_exact_ties_to_even(dtype):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
 
 
+def _check_kernel(m, spec, prologue, dtype, clip, x, perm, weight, staged) -> list[str]:
+    """The kernel's outputs against the reference: bit-exact, RMSNorm within one step (rstd's last bit)."""
+    got, st = kernels.quantize_rows(x, spec, perm, clip, prologue, weight, 1e-5, staged=staged)
+    want = _reference(x, spec, perm, clip, prologue, weight)
+    name = f"{prologue} M={m} {spec} {dtype} clip={clip}"
+    if prologue == "rmsnorm":
+        d = (got.int_values().int() - want.int_values().int()).abs()
+        bad = d.max() > 1 or int((d > 0).sum()) > max(1, 1e-3 * d.numel())
+        return [f"{name}: max step {int(d.max())}, {int((d > 0).sum())} flips"] if bad else []
+    bad = [f"{name}: {f} differs" for f in ("packed", "outlier", "scale") if not torch.equal(getattr(got, f), getattr(want, f))]
+    if staged and not bad:
+        ref = staging.stage_operand(want, "a")
+        if not (torch.equal(st.values.view(torch.uint8), ref.values.view(torch.uint8)) and torch.equal(st.scale, ref.scale)):
+            bad.append(f"{name}: staged output differs")
+    return bad
+
+
+def _odd_cases(device="cuda"):
+    """Many outliers (beyond the 128 kept in registers), tiny K, and perm / weight / x at odd
+    element offsets (the kernel's scalar paths)."""
+    for i, (spec, prologue, dtype, variant) in enumerate(
+            (spec, prologue, dtype, variant)
+            for spec in (QuantSpec(1280, 128, 256), QuantSpec(2048, 64, 1024), QuantSpec(96, 64, 32))
+            for prologue in quant_ops.PROLOGUE_NAMES for dtype in (torch.float16, torch.bfloat16) for variant in range(3)):
+        m = 3
+        x, perm, weight = _case(m, spec, prologue, dtype, device, 700 + i)
+        perm = perm.to(torch.int32)
+        if variant == 1:  # perm and weight one element into a larger buffer: not 16-byte aligned
+            pb = torch.zeros(spec.k + 1, dtype=torch.int32, device=device)
+            pb[1:] = perm
+            perm = pb[1:]
+            wb = torch.zeros(spec.k + 1, dtype=dtype, device=device)
+            wb[1:] = weight
+            weight = wb[1:]
+        elif variant == 2:  # x likewise
+            xb = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
+            xb[1:] = x.flatten()
+            x = xb[1:].view(m, -1)
+        yield m, spec, prologue, dtype, 0.9, x, perm, weight
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_kernel_odd_layouts():
+    bad = []
+    for case in _odd_cases():
+        bad += _check_kernel(*case, staged=case[1].group == 128)
+    assert not bad, "\n".join(bad[:20])
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("k, outliers", [(576, 64), (4096, 128), (1536, 0), (640, 256)])
@@ -232,21 +282,24 @@ def test_quantized_linear_kernels_match_reference():
 # ------------------------------------------------------------------------- sanitizer
 
 def sanitize_main() -> int:
-    """A few launches (small-M split, outliers, large-M L2 prefetch, staged output), for
+    """A few cases per prologue, dtype and launch shape (split rows at small M, 512- and 256-thread
+    CTAs, the L2 prefetch of later rows at large M, scalar paths), for
     `compute-sanitizer --tool memcheck python tests/test_quant_ops.py --sanitize`."""
-    bad = 0
-    for i, (m, k, prologue) in enumerate([(1, 4096, "rmsnorm"), (16, 14336, "silu_mul"), (700, 4096, "rmsnorm"),
-                                          (600, 576, "none"), (600, 11008, "silu_mul"), (3, 1536, "silu_mul")]):
-        spec = QuantSpec(k, 128, formats.choose_outliers(k, 128, 128))
-        x, perm, weight = _case(m, spec, prologue, torch.float16, "cuda", 900 + i)
-        got, _ = kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, 1e-5, staged=True)
-        torch.cuda.synchronize()
-        want = _reference(x, spec, perm, 0.9, prologue, weight)
-        steps = int((got.int_values().int() - want.int_values().int()).abs().max())
-        ok = steps <= (1 if prologue == "rmsnorm" else 0)  # rmsnorm: rstd's last bit (test_kernel_matches_reference)
-        bad += not ok
-        print(f"sanitize quantize_rows M={m} K={k} {prologue}: {'ok' if ok else f'BAD (max step {steps})'}")
-    print("sanitize done", "FAIL" if bad else "ok")
+    bad = []
+    n = 0
+    for i, (m, k, group, outliers) in enumerate([(1, 4096, 128, 128), (16, 14336, 128, 128), (3, 576, 64, 64),
+                                                 (300, 1536, 128, 0), (700, 576, 64, 64)]):
+        spec = QuantSpec(k, group, outliers)
+        for j, prologue in enumerate(quant_ops.PROLOGUE_NAMES):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                x, perm, weight = _case(m, spec, prologue, dtype, "cuda", 900 + 10 * i + j)
+                bad += _check_kernel(m, spec, prologue, dtype, 0.9, x, perm, weight, staged=group == 128)
+                n += 1
+    for case in _odd_cases():
+        bad += _check_kernel(*case, staged=case[1].group == 128)
+        n += 1
+    torch.cuda.synchronize()
+    print(f"sanitize quantize_rows: {n} cases,", "FAIL:\n" + "\n".join(bad) if bad else "ok")
     return 1 if bad else 0
 
 
