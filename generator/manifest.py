@@ -7,7 +7,8 @@ levels); configs for archs not selected and duplicates are culled with a log lin
 Levels (``--level``):
     0  (default, what CI compiles) per arch: the large tile, the small split-K tile and two
        stream (decode) tiles, fp16 and bf16 output -> 8 kernels per arch; sm90a adds the wgmma family's decode,
-       medium and prefill tiles (6 more).
+       medium and prefill tiles (8 more). Every level also builds the kernels a committed tuning
+       table (tuning/tables/*.json) picks for the arch: the H100 table adds 7 tiles to sm90a.
     1  adds a medium tile and tile_k=128 variants (group % 128 == 0 only).
     2  the cross product of the tile / warp / stage tables below, invalid ones culled.
 """
@@ -19,9 +20,10 @@ import itertools
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .configs import ARCHS, ConfigError, Int8GemmConfig, KernelConfig, OUT_DTYPES, arch_info
-from .paths import FORMAT_RULES, MODELS_CONFIG
+from .paths import FORMAT_RULES, MODELS_CONFIG, TUNING_TABLES
 
 log = logging.getLogger("generator")
 
@@ -222,9 +224,23 @@ def level_configs(level: int) -> list[KernelConfig]:
     return cfgs
 
 
+def committed_table_kernels(arch: str, tables=TUNING_TABLES) -> list[KernelConfig]:
+    """Every kernel the committed tuning tables (tuning/tables/*.json) pick for ``arch``. Built by
+    default: atom_ops reads the current GPU's table at run time, and a choice that was not compiled
+    falls back to the built-in dispatch (so without them a default build would not run the table)."""
+    from .dispatch import load_tuning
+    out = []
+    for path in sorted(Path(tables).glob("*.json")):
+        table = load_tuning(path)
+        if arch in table:
+            out += table[arch].kernels()
+    return out
+
+
 def default_manifest(archs, level: int = 0, shapes=(), dispatch=None) -> Manifest:
     """The manifest for ``archs``: level configs in every output dtype, plus every kernel the
-    dispatch rules name (``dispatch``: {arch: ArchDispatch}; defaults when absent)."""
+    dispatch rules name (``dispatch``: {arch: ArchDispatch}; defaults when absent) and, without
+    ``dispatch``, every kernel a committed tuning table picks for the arch."""
     from .dispatch import default_dispatch
     m = Manifest(archs, shapes)
     for arch in m.archs:
@@ -234,7 +250,7 @@ def default_manifest(archs, level: int = 0, shapes=(), dispatch=None) -> Manifes
             strict = True
         else:
             base = [c.replace(arch=arch) for c in level_configs(level) if c.family in info.families]
-            base += default_dispatch(arch).kernels()
+            base += default_dispatch(arch).kernels() + committed_table_kernels(arch)
             strict = level < 2
         for cfg in base:
             for dt in OUT_DTYPES:

@@ -9,3 +9,4 @@ TEMPLATES = REPO / "templates"
 DEFAULT_OUT = REPO / "build" / "generated"
 MODELS_CONFIG = REPO / "models" / "config.py"
 FORMAT_RULES = REPO / "atom_ops" / "rules.py"
+TUNING_TABLES = REPO / "tuning" / "tables"  # the committed per-GPU dispatch tables (python -m tuning)

@@ -13,6 +13,7 @@ import pytest
 
 from generator import ConfigError, KernelConfig, Manifest, default_manifest, emit, write_if_changed
 from generator.cli import main as cli_main
+from generator.manifest import committed_table_kernels
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
 from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL, level_configs,
@@ -149,9 +150,14 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert WGMMA_PREFILL.supports(4096, 128, 128, 4104) and WGMMA_PREFILL.supports(576, 128, 64, 64)
     assert not WGMMA_PREFILL.supports(4096, 64, 128, 4096) and not WGMMA_PREFILL.supports(4096, 128, 128, 4100)
     m = default_manifest(["sm90a"])
-    fams = sorted(c.family for c in m.configs())
+    tuned = {c.name for c in committed_table_kernels("sm90a")}  # the committed H100 table's picks
+    level0 = {c.replace(arch="sm90a").name for c in level_configs(0)} | {c.name for c in default_dispatch("sm90a").kernels()}
+    fams = sorted(c.family for c in m.configs() if c.name in level0)
     # + the mma family: multistage fallback for group 64 and the stream decode kernels
-    assert fams.count("wgmma") == 8 and fams.count("mma") == 8
+    assert fams.count("wgmma") == 4 and fams.count("mma") == 4
+    # ... and every kernel the table picks, in both output dtypes: a default build runs its choices
+    assert {c.name for c in m.configs() if c.out_dtype == "f16"} == level0 | tuned
+    assert any(c.family == "mma" and c.schedule == "stream" for c in committed_table_kernels("sm90a"))
     d = default_dispatch("sm90a")
     assert [r.kernel for r in d.rules] == [STREAM_M8.replace(arch="sm90a"), STREAM.replace(arch="sm90a"),
                                            WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL]
@@ -453,7 +459,8 @@ def test_int8_family_names_manifest_and_emit(tmp_path):
     assert sm80.name not in m.names()  # not a W4A4 kernel: never dispatched, never in the W4A4 table
     data = json.loads((out / "manifest.json").read_text())
     assert [k["name"] for k in data["int8_kernels"]] == [sm80.name, sm90.name]
-    assert len(data["kernels"]) == 32  # 8 mma per arch + 8 wgmma on sm90a (2 with overlapped promotion)
+    # 8 mma on sm80 and on sm89; sm90a: its level-0 kernels and the H100 table's picks (test above)
+    assert len(data["kernels"]) == 16 + len(default_manifest(["sm90a"]))
     cm = (out / "sources.cmake").read_text()
     assert f"sm80/{sm80.name}.cu" in cm and f"sm90a/{sm90.name}.cu" in cm
     reg = (out / "sm80" / "registry.cpp").read_text()
