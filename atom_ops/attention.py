@@ -325,6 +325,11 @@ def _check_decode_rows(op: str, q: Tensor, block_tables: Tensor, context_lens: T
     """q [B, q_heads, head_dim] with q_heads a multiple of kv_heads, and index tensors of B rows."""
     if q.dim() != 3 or q.shape[2] != head_dim:
         raise FormatError(f"{op}: q must be [B, q_heads, {head_dim}] (one token per row), got {tuple(q.shape)}")
+    _check_heads_and_rows(op, q, block_tables, context_lens, kv_heads)
+
+
+def _check_heads_and_rows(op: str, q: Tensor, block_tables: Tensor, context_lens: Tensor, kv_heads: int) -> None:
+    """q's dim 1 (query heads) a positive multiple of kv_heads; index tensors with q's batch rows."""
     if kv_heads == 0 or q.shape[1] % kv_heads or q.shape[1] == 0:
         raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
     _check_index(op, "block_tables", block_tables, 2)
@@ -341,13 +346,7 @@ def check_prefill_args(q, k_pool, v_pool, block_tables, context_lens) -> None:
         raise FormatError(f"{op}: q must be floating point, got {q.dtype}")
     if q.dim() != 4 or q.shape[3] != head_dim:
         raise FormatError(f"{op}: q must be [B, q_heads, T, {head_dim}] (T new tokens per row), got {tuple(q.shape)}")
-    if kv_heads == 0 or q.shape[1] % kv_heads or q.shape[1] == 0:
-        raise FormatError(f"{op}: q_heads ({q.shape[1]}) must be a positive multiple of kv_heads ({kv_heads})")
-    _check_index(op, "block_tables", block_tables, 2)
-    _check_index(op, "context_lens", context_lens, 1)
-    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
-        raise FormatError(f"{op}: block_tables {tuple(block_tables.shape)} and context_lens "
-                          f"{tuple(context_lens.shape)} must have q's batch {q.shape[0]} rows")
+    _check_heads_and_rows(op, q, block_tables, context_lens, kv_heads)
     _check_devices(op, q=q, block_tables=block_tables, context_lens=context_lens, k_pool=k_pool[0], v_pool=v_pool[0])
     _kernel_check(op, q, head_dim, group, q.dtype, q.shape[1], kv_heads)
     if _runs_kernel(q):

@@ -74,6 +74,21 @@ def time_cuda(fn, iters: int = 20, warmup: int = 3, flush: L2Flusher | None = No
     return {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us), "iters": iters}
 
 
+def add_run_args(p, iters: int = 20) -> None:
+    """The options every bench takes: --iters, --out, --tag."""
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default=None, help="file-name tag (default: h100 on an H100, else the GPU name)")
+
+
+def cuda_missing(prog: str) -> bool:
+    """True (after saying so on stderr) when there is no CUDA GPU for a GPU-only bench."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{prog} needs a CUDA GPU", file=sys.stderr)
+    return True
+
+
 def versions() -> dict:
     v = {"python": platform.python_version(), "torch": torch.__version__,
          "cuda": torch.version.cuda}

@@ -17,15 +17,13 @@ and the kernel's max |diff| against gather + SDPA. Writes kv4_prefill_<tag>.{jso
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from atom_ops import attention as attention_ops
 from bench.attention import LAYOUTS, make_case
-from bench.common import RESULTS, L2Flusher, command_line, default_tag, time_cuda, write_results
+from bench.common import L2Flusher, add_run_args, command_line, cuda_missing, default_tag, time_cuda, write_results
 
 DEFAULT_CASES = ["llama-3-8b:1:1024:0", "llama-3-8b:1:4096:0", "llama-3-8b:4:1024:0", "llama-3-8b:16:512:512",
                  "llama-3-8b:4:512:3584", "llama-7b:1:1024:0", "llama-7b:4:1024:0", "llama-7b:8:256:1792",
@@ -85,12 +83,9 @@ def bench_case(layout: str, batch: int, new: int, prefix: int, iters: int, flush
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kv4_prefill", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES])
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default=None, help="file-name tag (default: h100 on an H100, else the GPU name)")
+    add_run_args(p)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.kv4_prefill needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench.kv4_prefill"):
         return 2
     flush = L2Flusher()
     rows = []

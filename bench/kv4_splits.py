@@ -13,14 +13,12 @@ kv4_splits_<tag>.{json,txt}.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
 from atom_ops import attention as attention_ops
 from bench.attention import PAGE_SIZE, make_case
-from bench.common import RESULTS, L2Flusher, command_line, default_tag, time_cuda, write_results
+from bench.common import L2Flusher, add_run_args, command_line, cuda_missing, default_tag, time_cuda, write_results
 
 DEFAULT_CASES = ["llama-3-8b:16:4096", "llama-3-8b:64:1024", "llama-3-8b:64:2048", "llama-3-8b:64:4096",
                  "llama-3-8b:64:8192", "llama-3-8b:256:2048", "llama-7b:16:4096", "llama-7b:64:2048",
@@ -54,12 +52,9 @@ def bench_case(layout: str, batch: int, context: int, iters: int, flush, sms: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kv4_splits", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES])
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default=None, help="file-name tag (default: h100 on an H100, else the GPU name)")
+    add_run_args(p)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.kv4_splits needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench.kv4_splits"):
         return 2
     flush = L2Flusher()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -978,6 +978,14 @@ def test_kv4_splits_bench_cases_parse():
         parse_case("llama-7b:64")
 
 
+def test_kv4_prefill_bench_cases_parse():
+    from bench.kv4_prefill import DEFAULT_CASES, parse_case
+    assert parse_case("llama-3-8b:4:512:3584") == ("llama-3-8b", 4, 512, 3584)
+    assert all(parse_case(c)[0] in ("llama-7b", "llama-3-8b") for c in DEFAULT_CASES)
+    for bad in ("llama-7b:4:512", "mistral:1:2:3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="layout:batch:new:prefix"):
+            parse_case(bad)
+
 if __name__ == "__main__":
     from sanitize import run_if_asked
     run_if_asked(sanitize_main)
