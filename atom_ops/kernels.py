@@ -31,9 +31,12 @@ from .staging import StagedOperand, stage_operand
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 # Revision of the op path's costs (what a tuned table measured). Bumped when a change makes
-# older tables wrong: 2 = wgmma activations staged by a CUDA kernel instead of torch ops.
+# older tables wrong: 2 = wgmma activations staged by a CUDA kernel instead of torch ops; 3 = the
+# tuner times quantized_linear (the fused quantization writes the operand each family reads), not
+# w4a4_gemm on packed activations, which charged the wgmma family a staging launch that the engine
+# and AtomLinear never run.
 # Tables written by `python -m tuning` record it; the run-time lookup ignores other revisions.
-OP_REVISION = 2
+OP_REVISION = 3
 N_ALIGN = 16
 GROUP_ALIGN = 64
 OUTLIER_ALIGN = 32
@@ -282,10 +285,12 @@ def _plan(kernel: str, split_k: int, m: int, n: int, spec, code: int, dev, cc: i
 
 
 def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, prologue: str, norm_weight, eps: float,
-                     out_dtype: torch.dtype, residual) -> torch.Tensor | None:
+                     out_dtype: torch.dtype, residual, kernel: str = "", split_k: int = 0,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Prologue + quantization kernel, then the dispatched GEMM kernel; for the wgmma family the
     quantization kernel writes the staged operand itself (no staging launch). None when no
-    kernel applies (the caller runs the reference). Arguments are checked by atom_ops.linear."""
+    kernel applies (the caller runs the reference). Arguments are checked by atom_ops.linear.
+    ``kernel`` / ``split_k`` / ``out`` as in w4a4_gemm (the tuner forces candidates through here)."""
     ext = extension()
     if ext is None or not x.is_cuda:
         return None
@@ -294,17 +299,17 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, pro
     if not ext.arch_for(cc):
         return None
     spec, m, n = w.spec, x.shape[0], w.rows
-    name, split = _plan("", 0, m, n, spec, _DTYPE_CODE[out_dtype], dev, cc)
+    name, split = _plan(kernel, split_k, m, n, spec, _DTYPE_CODE[out_dtype], dev, cc)
     if not name:
         return None
     staged = kernel_family(name) == "wgmma"
     a, sa = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps, staged=staged)
     if not staged:
-        return w4a4_gemm(a, w, out_dtype, residual, kernel=name, split_k=split)
+        return w4a4_gemm(a, w, out_dtype, residual, kernel=name, split_k=split, out=out)
     check_gpu_args(a, w, residual)
     with torch.cuda.device(dev):
         return _launch_staged(name, sa, staged_weight(w), _DTYPE_CODE[out_dtype], residual,
-                              _output(None, m, n, out_dtype, dev))
+                              _output(out, m, n, out_dtype, dev))
 
 
 def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, residual=None, kernel: str = "",

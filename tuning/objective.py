@@ -1,8 +1,11 @@
 """The real objective: median kernel time (CUDA events) of one candidate on one GEMM problem.
 
-A ``GemmProblem`` holds quantized random operands for (M, N, K) on the GPU and the reference
-output of ``atom_ops.formats.w4a4_matmul_reference``. ``measure(candidate)`` forces the
-candidate by name (``atom_ops.kernels.w4a4_gemm(kernel=..., split_k=...)``), checks its output
+A ``GemmProblem`` holds random fp16 activations and quantized weights for (M, N, K) on the GPU and
+the reference output of ``atom_ops.formats.w4a4_matmul_reference``. ``measure(candidate)`` runs the
+path a quantized layer runs, the fused activation quantization then the candidate GEMM forced by name
+(``atom_ops.kernels.quantized_linear(kernel=..., split_k=...)``: the quantization kernel writes the
+operand the candidate's family reads, staged for the wgmma family, so no family pays a launch the
+layers never run), checks its output
 against the reference (a NaN-poisoned buffer, so unwritten elements fail) and only then times
 it with ``bench.common.time_cuda``: warm-up, L2 flushed before every timed call, median of
 ``iters`` CUDA-event intervals (CUDA-graph replays by default, so host launch overhead does not
@@ -23,6 +26,7 @@ from bench.common import L2Flusher, time_cuda
 from .space import Candidate
 
 OUT_DTYPE = torch.float16
+CLIP = 0.9  # activation clipping of the timed problems
 # Output tolerance: one fp16 ulp relative (1e-3) plus float32 summation-order noise relative to
 # the output's magnitude (tests/test_gemm_gpu.py uses the same bound).
 RTOL = 1e-3
@@ -70,15 +74,16 @@ class GemmProblem:
         x = torch.randn(m, k, device="cuda", generator=gen)
         x[:, self.spec.k_normal:] *= 8  # outlier channels are the large ones
         w = torch.randn(n, k, device="cuda", generator=gen)
-        self.a = formats.quantize_operand(x, self.spec, clip=0.9)
+        self.x = x.to(OUT_DTYPE)  # what a layer's quantized_linear receives
         self.w = formats.quantize_operand(w, self.spec, clip=0.85)
         del x, w
-        self.ref = formats.w4a4_matmul_reference(self.a, self.w, OUT_DTYPE, None)
+        a = formats.quantize_activation(self.x, self.spec, None, CLIP)  # the fused kernel's exact output
+        self.ref = formats.w4a4_matmul_reference(a, self.w, OUT_DTYPE, None)
         self.out = torch.empty((m, n), dtype=OUT_DTYPE, device="cuda")
 
     def run(self, cand: Candidate) -> torch.Tensor:
-        got = kernels.w4a4_gemm(self.a, self.w, OUT_DTYPE, None, kernel=cand.kernel, split_k=cand.split_k,
-                                out=self.out)
+        got = kernels.quantized_linear(self.x, self.w, None, CLIP, "none", None, 1e-5, OUT_DTYPE, None,
+                                       kernel=cand.kernel, split_k=cand.split_k, out=self.out)
         if got is None:
             raise CandidateRejected("atom_ops returned no kernel output (extension not loaded for this GPU?)")
         return got
