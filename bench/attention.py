@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from atom_ops import attention as attention_ops
 from atom_ops import formats
-from bench.common import RESULTS, L2Flusher, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
+from bench.common import L2Flusher, add_run_args, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
 
 LAYOUTS = {"llama-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}  # (q heads, kv heads, head_dim)
 GROUP = 128
@@ -189,11 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64, 256])
     p.add_argument("--context", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-graph", action="store_true", help="time eager calls instead of CUDA-graph replays")
     p.add_argument("--skip-quant", action="store_true", help="do not run the fused quantization bench (bench.quant_ops)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default=None, help="file-name tag (default: h100 on an H100, else the GPU name)")
+    add_run_args(p)
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or not attention_ops.kernels_available():
         print("bench.attention needs a CUDA GPU and the compiled extension (with the KV4 kernels)", file=sys.stderr)

@@ -75,10 +75,10 @@ def time_cuda(fn, iters: int = 20, warmup: int = 3, flush: L2Flusher | None = No
 
 
 def add_run_args(p, iters: int = 20) -> None:
-    """The options every bench takes: --iters, --out, --tag."""
-    p.add_argument("--iters", type=int, default=iters)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default=None, help="file-name tag (default: h100 on an H100, else the GPU name)")
+    """The options every bench takes: --iters, --out, --tag (each bench derives its default tag)."""
+    p.add_argument("--iters", type=int, default=iters, help="timed calls per case (median; >= 20 for reports)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
+    p.add_argument("--tag", default=None, help="file-name tag (default: from the GPU name)")
 
 
 def cuda_missing(prog: str) -> bool:

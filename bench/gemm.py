@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from atom_ops import formats, kernels, staging
-from bench.common import RESULTS, L2Flusher, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
+from bench.common import L2Flusher, add_run_args, command_line, cuda_missing, default_tag, gpu_name, series_plot, time_cuda, write_results
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096, 8192)
@@ -197,18 +197,15 @@ def main(argv=None) -> int:
     p.add_argument("--m", nargs="+", type=int, default=list(DEFAULT_M), help="token counts M")
     p.add_argument("--layers", nargs="+", default=None, help="only these layers (qkv o gate_up down)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per case (median; >= 20 for reports)")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--kernel", default="", help="force one compiled kernel by name (default: dispatch)")
     p.add_argument("--kernels", nargs="+", default=[],
                    help="also time these compiled wgmma kernels alone on staged operands ('wgmma': all runnable, f16)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
-    p.add_argument("--tag", default=None, help="file name tag (default: GPU name)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (no host/launch overhead) instead of eager calls")
+    add_run_args(p)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.gemm needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench.gemm"):
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     flush = L2Flusher()

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from atom_ops import formats, kernels, quant_ops, staging
-from bench.common import RESULTS, L2Flusher, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
+from bench.common import L2Flusher, add_run_args, command_line, default_tag, gpu_name, series_plot, time_cuda, write_results
 
 
 def cases(models):
@@ -66,10 +65,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quant_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["llama-7b", "llama-3-8b"])
     p.add_argument("--m", nargs="+", type=int, default=[1, 16, 256, 4096])
-    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default=None)
+    add_run_args(p)
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or not kernels.available():
         print("bench.quant_ops needs a CUDA GPU and the compiled extension", file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, L2Flusher, command_line, finish_m_plot, new_figure, write_results
+from bench.common import L2Flusher, add_run_args, command_line, finish_m_plot, new_figure, write_results
 
 DEFAULT_MODELS = ("llama-7b", "llama-3-8b")
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
@@ -84,10 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="presets or HF config.json paths")
     p.add_argument("--m", nargs="+", type=int, default=list(DEFAULT_M), help="token counts M")
     p.add_argument("--group", type=int, default=128)
-    p.add_argument("--iters", type=int, default=20, help="timed calls per case (median; >= 20 for reports)")
     p.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
-    p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
-    p.add_argument("--tag", default=None, help="file name tag (default: GPU name)")
+    add_run_args(p)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.tuning needs a CUDA GPU (and atom_ops._C built with the tuned and default kernels)",
