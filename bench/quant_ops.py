@@ -4,12 +4,16 @@
 
 For every model: the RMSNorm + reorder + quantize in front of qkv / gate_up (K = hidden) and the
 SiLU(gate) * up + reorder + quantize in front of down_proj (K = intermediate), fp16 input,
-group 128 and the outlier rule. "fused" is atom_ops' CUDA kernel (packed output), "fused+staged"
-also writes the sm90a wgmma family's staged operand, "torch" is the reference sequence run
-on the GPU (what the model does without the kernel), "copy" is a device-to-device copy of the
-same number of bytes the fused kernel moves (read x, write the packed operand). Reported:
-median us (CUDA events, L2 flushed), achieved GB/s of the fused kernel and its fraction of the
-copy's GB/s. Writes quant_ops_<tag>.{json,txt,png}.
+group 128 and the outlier rule. "fused" is atom_ops' CUDA kernel (packed output) as the serving
+engine runs it: RMSNorm rows gather their permuted channels in the kernel; SiLU rows come with
+down_proj's permutation already applied, because the engine stores gate_up's output rows in that
+order (models/engine/fused_layers.py), so the kernel gets no permutation. "fused_gather" times the
+SiLU kernel with the permutation applied in the kernel instead (a model that does not reorder
+gate_up). "fused+staged" also writes the sm90a wgmma family's staged operand, "torch" is the
+reference sequence run on the GPU (what the model does without the kernel), "copy" is a
+device-to-device copy of the same number of bytes the fused kernel moves (read x, write the packed
+operand). Reported: median us (CUDA events, L2 flushed), achieved GB/s of the fused kernel and its
+fraction of the copy's GB/s. Writes quant_ops_<tag>.{json,txt,png}.
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ def bench_one(m, k, prologue, iters, flush, graph):
     perm = torch.randperm(k, device="cuda")
     perm32 = perm.to(torch.int32)
     weight = torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
+    in_kernel = None if prologue == "silu_mul" else perm32  # the engine's way (module doc)
     out = {}
-    out["fused"] = time_cuda(lambda: kernels.quantize_rows(x, spec, perm32, 0.9, prologue, weight), iters,
+    out["fused"] = time_cuda(lambda: kernels.quantize_rows(x, spec, in_kernel, 0.9, prologue, weight), iters,
                              flush=flush, graph=graph)
-    out["fused+staged"] = time_cuda(lambda: kernels.quantize_rows(x, spec, perm32, 0.9, prologue, weight, staged=True),
+    if prologue == "silu_mul":
+        out["fused_gather"] = time_cuda(lambda: kernels.quantize_rows(x, spec, perm32, 0.9, prologue, weight), iters,
+                                        flush=flush, graph=graph)
+    out["fused+staged"] = time_cuda(lambda: kernels.quantize_rows(x, spec, in_kernel, 0.9, prologue, weight, staged=True),
                                     iters, flush=flush, graph=graph)
     out["torch"] = time_cuda(lambda: formats.quantize_activation(
         quant_ops.prologue_reference(x, prologue, weight, 1e-5), spec, perm, 0.9), iters, flush=flush, graph=graph)
@@ -82,11 +90,13 @@ def main(argv=None) -> int:
                    "fused_GBps": round(moved / f / 1e3, 1), "copy_GBps": round(moved / c / 1e3, 1),
                    "fused_vs_copy": round(c / f, 3), "fused_vs_torch": round(res["torch"]["median_us"] / f, 2),
                    "staged_GBps": round(staged_bytes / res["fused+staged"]["median_us"] / 1e3, 1)}
+            if "fused_gather" in res:
+                row["gather_vs_copy"] = round(c / res["fused_gather"]["median_us"], 3)
             rows.append(row)
             print(f"{model} {prologue} M={m} K={k}: fused {f:.1f} us ({row['fused_GBps']} GB/s, "
                   f"{row['fused_vs_copy']:.2f} of copy), torch {res['torch']['median_us']:.1f} us", flush=True)
-    cols = ["model", "prologue", "M", "K", "fused_us", "fused+staged_us", "torch_us", "copy_us", "fused_GBps",
-            "copy_GBps", "fused_vs_copy", "fused_vs_torch", "staged_GBps"]
+    cols = ["model", "prologue", "M", "K", "fused_us", "fused_gather_us", "fused+staged_us", "torch_us", "copy_us",
+            "fused_GBps", "copy_GBps", "fused_vs_copy", "gather_vs_copy", "fused_vs_torch", "staged_GBps"]
     write_results(args.out, f"quant_ops_{args.tag or default_tag()}", "quant_ops", rows, rows, cols,
                   command_line("bench.quant_ops", argv), plot=lambda path: plot(rows, path))
     return 0

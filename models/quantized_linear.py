@@ -62,14 +62,17 @@ class AtomLinear(nn.Module):
         return w[:, torch.argsort(self.perm)]
 
     def forward(self, x: torch.Tensor, prologue: str = "none", norm_weight: torch.Tensor | None = None,
-                eps: float = 1e-5, residual: torch.Tensor | None = None) -> torch.Tensor:
+                eps: float = 1e-5, residual: torch.Tensor | None = None, input_permuted: bool = False) -> torch.Tensor:
         """x [..., K] -> [..., N]. `prologue` ("rmsnorm" with norm_weight/eps, or "silu_mul" on a
         [..., 2K] gate_up output) runs inside the quantization kernel; `residual` [..., N], in the
-        output dtype, is added in the GEMM's epilogue (models/engine/fused_layers.py uses both)."""
+        output dtype, is added in the GEMM's epilogue; `input_permuted`: x's channels already come in
+        ``perm``'s order (the producer's output rows were reordered), so none is applied here
+        (models/engine/fused_layers.py uses all three)."""
         shape = x.shape
         res = None if residual is None else residual.reshape(-1, self.out_features)
+        perm = None if input_permuted else self.perm
         # the fused quantization kernel and the GEMM kernel on a GPU, the formats references elsewhere
-        y = atom_ops.quantized_linear(x.reshape(-1, shape[-1]), self.quantized_weight, self.perm, self.act_clip,
+        y = atom_ops.quantized_linear(x.reshape(-1, shape[-1]), self.quantized_weight, perm, self.act_clip,
                                       prologue, norm_weight, eps, _out_dtype(x), res).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias

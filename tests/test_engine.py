@@ -543,6 +543,12 @@ def test_fused_atom_layers_match_the_layers_they_regroup(atom_checkpoint):
             unfused_qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)[0]
             assert torch.equal(fused_layer.qkv(x[0], "rmsnorm", layer.input_layernorm.weight,
                                                layer.input_layernorm.eps), unfused_qkv)
+            # gate_up's rows come in down_proj's channel order: the SiLU quantization applies no
+            # permutation and the MLP's output is unchanged, bit for bit
+            mlp, h2 = layer.mlp, layer.post_attention_layernorm(x)[0]
+            assert not torch.equal(mlp.down_proj.perm, torch.arange(mlp.down_proj.in_features))  # a real reorder
+            assert torch.equal(fused_layer.down_proj(fused_layer.gate_up(h2), "silu_mul", input_permuted=True),
+                               mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h2)) * mlp.up_proj(h2)))
             ref, got = layer(x, cos, sin).float(), fused_layer(x, cos, sin).float()
             assert (got - ref).abs().max() <= 4e-2 * ref.abs().max()
             assert (got - ref).pow(2).mean().sqrt() <= 2e-2 * ref.pow(2).mean().sqrt()

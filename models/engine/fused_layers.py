@@ -10,6 +10,11 @@ q/k/v and gate/up one shared channel permutation, spec and clip (models/quantize
     gate_up  = AtomLinear(gate|up rows)  prologue RMSNorm(post_attention_layernorm)
     x       += down_proj(gate_up)        prologue SiLU(gate) * up, residual in the epilogue
 
+gate_up's rows are stored in down_proj's channel order (the reorder Atom folds into the producer),
+so the SiLU quantization reads its input unpermuted: the kernel then stages only the columns each
+CTA quantizes instead of gathering from the whole row (SiLU + quantize at Llama-3-8B, M = 16 on the
+H100: 0.69 -> 0.80 of copy bandwidth). Bit-identical: the GEMM's outputs are only relocated.
+
 Same arithmetic as the layer it replaces except for float rounding: the kernels' RMSNorm sums x^2
 in another order, and a residual is added to the float accumulator before the output rounding
 instead of after it. Only for fp16/bf16 models (the residual stream must be the GEMM's output
@@ -38,13 +43,15 @@ def _share_quantization(lins: list[nn.Module]) -> bool:
                and torch.equal(m.perm, first.perm) for m in lins)
 
 
-def concat_linears(lins: list[AtomLinear]) -> AtomLinear:
-    """One AtomLinear computing all `lins` (rows stacked in order; _share_quantization(lins) holds)."""
+def concat_linears(lins: list[AtomLinear], row_order: Tensor | None = None) -> AtomLinear:
+    """One AtomLinear computing all `lins` (rows stacked in order; _share_quantization(lins) holds);
+    with `row_order`, each one's output row j is its row row_order[j]."""
     first = lins[0]
     out = AtomLinear(first.in_features, sum(m.out_features for m in lins), first.spec, first.act_clip)
-    out.weight_packed = torch.cat([m.weight_packed for m in lins])
-    out.weight_outlier = torch.cat([m.weight_outlier for m in lins])
-    out.weight_scale = torch.cat([m.weight_scale for m in lins])
+    rows = (lambda t: t) if row_order is None else (lambda t: t[row_order.to(t.device)])
+    out.weight_packed = torch.cat([rows(m.weight_packed) for m in lins])
+    out.weight_outlier = torch.cat([rows(m.weight_outlier) for m in lins])
+    out.weight_scale = torch.cat([rows(m.weight_scale) for m in lins])
     out.perm = first.perm
     return out
 
@@ -76,7 +83,7 @@ class FusedAtomLayer(nn.Module):
             out = a._attend(q, k, v)
         h = self.o_proj(out.transpose(1, 2).reshape(B * T, -1), residual=x2)
         gate_up = self.gate_up(h, "rmsnorm", self.norm2.weight, self.norm2.eps)
-        return self.down_proj(gate_up, "silu_mul", residual=h).view(B, T, H)
+        return self.down_proj(gate_up, "silu_mul", residual=h, input_permuted=True).view(B, T, H)
 
 
 class FusedAtomModel(nn.Module):
@@ -102,5 +109,6 @@ def fuse_atom_layers(model) -> FusedAtomModel | None:
     if not all(_share_quantization(qkv) and _share_quantization(gate_up) and _bias_free_atom(layer.self_attn.o_proj)
                and _bias_free_atom(layer.mlp.down_proj) for layer, (qkv, gate_up) in zip(layers, groups)):
         return None  # checked for every layer before copying any weight
-    return FusedAtomModel(model, [FusedAtomLayer(layer, concat_linears(qkv), concat_linears(gate_up))
+    return FusedAtomModel(model, [FusedAtomLayer(layer, concat_linears(qkv),
+                                                 concat_linears(gate_up, row_order=layer.mlp.down_proj.perm))
                                   for layer, (qkv, gate_up) in zip(layers, groups)])
