@@ -13,7 +13,7 @@ q/k/v and gate/up one shared channel permutation, spec and clip (models/quantize
 gate_up's rows are stored in down_proj's channel order (the reorder Atom folds into the producer),
 so the SiLU quantization reads its input unpermuted: the kernel then stages only the columns each
 CTA quantizes instead of gathering from the whole row (SiLU + quantize at Llama-3-8B, M = 16 on the
-H100: 0.69 -> 0.80 of copy bandwidth). Bit-identical: the GEMM's outputs are only relocated.
+H100: 0.73 -> 0.85 of copy bandwidth). Bit-identical: the GEMM's outputs are only relocated.
 
 Same arithmetic as the layer it replaces except for float rounding: the kernels' RMSNorm sums x^2
 in another order, and a residual is added to the float accumulator before the output rounding
