@@ -101,6 +101,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def alloc_retries(device) -> int:
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int, cuda_graphs: bool,
               device: torch.device, seed: int, prefill_tokens: int, overlap: bool | None = None) -> dict:
     from models.engine import Engine, EngineConfig, SamplingParams
@@ -127,6 +131,7 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
     sync(device)
     for p in prompts:
         engine.add_request(p, params)
+    retries = alloc_retries(device)
     started = time.perf_counter()
     first_token, prefill_done, produced, steps_after = None, None, {}, 0
     while engine.has_work():
@@ -153,7 +158,9 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
             "step_ms": 1e3 * decode_time / max(steps_after, 1), "ttft_s": first_token,
             "prefill_phase_s": prefill_done - started if prefill_done else None,
             "kv_format": engine.kv_format, "kv_fit_sequences": fit, "kv_capacity_sequences": capacity,
-            "preemptions": engine.stats["preemptions"], "overlapped_steps": engine.stats["overlapped_steps"]}
+            "preemptions": engine.stats["preemptions"], "overlapped_steps": engine.stats["overlapped_steps"],
+            # cudaMalloc failures the caching allocator recovered from by freeing its cache: each a stall
+            "alloc_retries": alloc_retries(device) - retries}
 
 
 def profile_steps(model, mode: str, batch: int, input_len: int, kv_bytes: int, steps: int, seed: int,
