@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,21 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class GcTime:
+    """Seconds the Python garbage collector ran while installed in gc.callbacks (host pauses)."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._t0 = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections += 1
+            self._t0 = None
+
+
 def alloc_retries(device) -> int:
     return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
 
@@ -132,25 +148,30 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
     for p in prompts:
         engine.add_request(p, params)
     retries = alloc_retries(device)
-    started = time.perf_counter()
-    first_token, prefill_done, produced, steps_after = None, None, {}, 0
-    while engine.has_work():
-        outs = engine.step()
-        for o in outs:
-            if o.error:
-                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
-            produced[o.request_id] = produced.get(o.request_id, 0) + len(o.new_token_ids)
-        if first_token is None and produced:
-            sync(device)
-            first_token = time.perf_counter() - started
-        if prefill_done is None and len(produced) == batch:
-            sync(device)
-            prefill_done = time.perf_counter()
-            tokens_at_prefill = sum(produced.values())
-        elif prefill_done is not None:
-            steps_after += 1
-    sync(device)
-    total = time.perf_counter() - started
+    gc_time = GcTime()  # host pauses for the garbage collector, a suspect for slow prefill phases
+    gc.callbacks.append(gc_time)
+    try:
+        started = time.perf_counter()
+        first_token, prefill_done, produced, steps_after, gc_prefill = None, None, {}, 0, None
+        while engine.has_work():
+            outs = engine.step()
+            for o in outs:
+                if o.error:
+                    raise RuntimeError(f"request {o.request_id} failed: {o.error}")
+                produced[o.request_id] = produced.get(o.request_id, 0) + len(o.new_token_ids)
+            if first_token is None and produced:
+                sync(device)
+                first_token = time.perf_counter() - started
+            if prefill_done is None and len(produced) == batch:
+                sync(device)
+                prefill_done = time.perf_counter()
+                tokens_at_prefill, gc_prefill = sum(produced.values()), gc_time.seconds
+            elif prefill_done is not None:
+                steps_after += 1
+        sync(device)
+        total = time.perf_counter() - started
+    finally:
+        gc.callbacks.remove(gc_time)
     tokens = sum(produced.values())
     decode_time = max(time.perf_counter() - prefill_done, 1e-9) if prefill_done else float("nan")
     return {"tokens": tokens, "total_s": total, "tokens_per_s": tokens / total,
@@ -160,7 +181,9 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
             "kv_format": engine.kv_format, "kv_fit_sequences": fit, "kv_capacity_sequences": capacity,
             "preemptions": engine.stats["preemptions"], "overlapped_steps": engine.stats["overlapped_steps"],
             # cudaMalloc failures the caching allocator recovered from by freeing its cache: each a stall
-            "alloc_retries": alloc_retries(device) - retries}
+            "alloc_retries": alloc_retries(device) - retries,
+            "gc_s": round(gc_time.seconds, 4), "gc_prefill_s": None if gc_prefill is None else round(gc_prefill, 4),
+            "gc_collections": gc_time.collections}
 
 
 def profile_steps(model, mode: str, batch: int, input_len: int, kv_bytes: int, steps: int, seed: int,
