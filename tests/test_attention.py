@@ -986,6 +986,7 @@ def test_kv4_prefill_bench_cases_parse():
         with pytest.raises(argparse.ArgumentTypeError, match="layout:batch:new:prefix"):
             parse_case(bad)
 
+
 if __name__ == "__main__":
     from sanitize import run_if_asked
     run_if_asked(sanitize_main)

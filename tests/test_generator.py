@@ -13,11 +13,10 @@ import pytest
 
 from generator import ConfigError, KernelConfig, Manifest, default_manifest, emit, write_if_changed
 from generator.cli import main as cli_main
-from generator.manifest import committed_table_kernels
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
 from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL, level_configs,
-                                model_shapes, outliers_for)
+                                committed_table_kernels, model_shapes, outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_ARCHS = ("sm80", "sm86", "sm89", "sm90a")

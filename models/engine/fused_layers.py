@@ -48,7 +48,8 @@ def concat_linears(lins: list[AtomLinear], row_order: Tensor | None = None) -> A
     with `row_order`, each one's output row j is its row row_order[j]."""
     first = lins[0]
     out = AtomLinear(first.in_features, sum(m.out_features for m in lins), first.spec, first.act_clip)
-    rows = (lambda t: t) if row_order is None else (lambda t: t[row_order.to(t.device)])
+    order = None if row_order is None else row_order.to(first.weight_packed.device)
+    rows = (lambda t: t) if order is None else (lambda t: t[order])
     out.weight_packed = torch.cat([rows(m.weight_packed) for m in lins])
     out.weight_outlier = torch.cat([rows(m.weight_outlier) for m in lins])
     out.weight_scale = torch.cat([rows(m.weight_scale) for m in lins])
