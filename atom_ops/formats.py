@@ -28,6 +28,9 @@ The W4A4 product (Atom's formula), for output element (m, n):
     y[m, n] = sum over groups g, in order, outlier group last, of
               float(dot_int(qa[m, g], qw[n, g])) * (float(sa[m, g]) * float(sw[n, g]))
 accumulated in float32, plus an optional residual, then rounded to the output dtype.
+Rounding, exactly: per group, s = fp32(sa * sw) and acc = fma(dot, s, acc) (one rounding per
+group: a GPU's FFMA); the integer dot is exact. The mma and stream kernels and the wgmma
+kernels with the overlapped promotion compute exactly this, in this order.
 """
 
 from __future__ import annotations
@@ -267,13 +270,40 @@ def dequantize_kv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 # --------------------------------------------------------------------- W4A4 product
 
+_LOW29 = (1 << 29) - 1   # float64 mantissa bits below float32's
+_HALF29 = 1 << 28        # ... holding exactly half a float32 ulp: a float32 tie
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fma(a, b, c) for float32 tensors, rounded once (round-to-nearest-even), as CUDA's FFMA.
+
+    a * b is exact in float64 (24 + 24 bits), so the float64 sum s is off the exact value by less
+    than half a float64 ulp, and rounding s to float32 is correct unless s is itself a float32 tie
+    (double rounding). Those rare elements are redone with the float64 sum's exact error
+    (TwoSum) and rounding to odd, which makes the final rounding exact. (Normal float32 results;
+    subnormal ones can double-round.)
+    """
+    s = torch.addcmul(c.double(), a.double(), b.double())
+    tie = (s.view(torch.int64) & _LOW29) == _HALF29
+    if bool(tie.any()):
+        a, b, c = (t.expand(s.shape)[tie].double() for t in (a, b, c))
+        p = a * b
+        t = p + c
+        v = t - p
+        err = (p - (t - v)) + (c - v)
+        odd = (t.view(torch.int64) & 1) == 1
+        toward = torch.where(err > 0, torch.full_like(t, float("inf")), torch.full_like(t, float("-inf")))
+        s[tie] = torch.where((err == 0) | odd, t, torch.nextafter(t, toward))
+    return s.float()
+
+
 def w4a4_matmul_reference(a: QuantizedTensor, w: QuantizedTensor, out_dtype=torch.float16,
                           residual: torch.Tensor | None = None) -> torch.Tensor:
     """Atom's W4A4 GEMM, y = a @ w^T, with exactly the kernels' arithmetic (see module doc).
 
     Integer dots are computed in float32, where they are exact (|INT4 dot| <= 128 * 64 per
     group of 128, |INT8 dot| < 2^24 for O <= 1024); scales multiply in float32; groups are
-    summed in order with the outlier group last.
+    summed in order with the outlier group last, each as acc = fma(dot, sa * sw, acc).
     """
     if a.spec != w.spec:
         raise FormatError(f"activation spec {a.spec} does not match weight spec {w.spec}")
@@ -286,10 +316,10 @@ def w4a4_matmul_reference(a: QuantizedTensor, w: QuantizedTensor, out_dtype=torc
     sw = w.scale.float()
     acc = torch.zeros(a.rows, w.rows, dtype=torch.float32, device=qa.device)
     for g in range(G):
-        acc += (qa[g] @ qw[g]) * (sa[:, g : g + 1] * sw[None, :, g])
+        acc = fma_f32(qa[g] @ qw[g], sa[:, g : g + 1] * sw[None, :, g], acc)
     if spec.outliers:
         dot = a.outlier.float() @ w.outlier.float().T
-        acc += dot * (sa[:, -1:] * sw[None, :, -1])
+        acc = fma_f32(dot, sa[:, -1:] * sw[None, :, -1], acc)
     if residual is not None:
         acc += residual.float()
     return acc.to(out_dtype)

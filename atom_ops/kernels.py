@@ -12,7 +12,7 @@ Requirements of the compiled W4A4 kernels (checked here before any launch, ``For
     4-byte aligned; any M >= 1.
 A kernel with tile_k = 128 (``--level 1``) needs group % 128 == 0 and outliers % 64 == 0; the
 extension checks each kernel's own limits again and raises with the kernel's name.
-The sm90a wgmma family (Hopper) reads staged FP8 digit-plane operands (atom_ops/staging.py):
+The sm90a wgmma family (Hopper) reads staged operands (atom_ops/staging.py: e4m3 INT4 groups, int8 outliers):
 group 128 only, N % 8 == 0, 16-byte aligned out/residual; activations are staged per call
 (one CUDA kernel, or written directly by quantize_rows(staged=True)), weights once per weight
 tensor (cached). Calls it cannot run fall back to the mma family.
@@ -100,7 +100,7 @@ def staged_weight(w: QuantizedTensor) -> StagedOperand:
     hit = _STAGED_WEIGHTS.get(key)
     if hit is not None and hit[0]() is w.packed and hit[1] == version:
         return hit[2]
-    staged = stage_operand(w, "w")
+    staged = stage_operand(w)
     ref = weakref.ref(w.packed, lambda _, k=key: _STAGED_WEIGHTS.pop(k, None))
     _STAGED_WEIGHTS[key] = (ref, version, staged)
     return staged
@@ -245,7 +245,7 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
     if not name:
         return None
     out = _output(out, m, n, out_dtype, dev)
-    if kernel_family(name) == "wgmma":  # Hopper family: FP8 digit-plane operands
+    if kernel_family(name) == "wgmma":  # Hopper family: staged operands
         with torch.cuda.device(dev):
             return _launch_staged(name, stage_activation(a), staged_weight(w), code, residual, out)
     ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None

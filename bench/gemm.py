@@ -12,11 +12,11 @@ are pre-quantized (the GEMM alone is timed). CUDA events, warm-up, L2 flushed be
 call, median of >= 20. Writes gemm_<tag>.json (bench/common.py schema), prints a table and
 saves gemm_<tag>.png (speedup over torch fp16 vs M).
 On the H100 the INT4 mma of the sm80-style kernels is emulated; the dispatch picks the sm90a
-wgmma family (FP8 digit planes, atom_ops/staging.py) for group 128. "atom" times the op as a
+wgmma family (staged operands, atom_ops/staging.py) for group 128. "atom" times the op as a
 user calls it (activation staged with torch ops per call, weight staged once); "atom_kernel"
 times the wgmma kernel alone on staged operands. The ratio columns use atom_kernel when present.
 ``--kernels`` also times each named compiled wgmma kernel (``wgmma``: every runnable one with
-fp16 output, e.g. the stock and the overlapped-promotion ``_ovl`` mainloops) alone on the same
+fp16 output, e.g. the decode, medium and prefill tiles) alone on the same
 staged operands, one column per kernel plus the fastest one's ratios (``best_*``), in the same
 process as the baselines.
 """
@@ -140,7 +140,7 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
             if kernels.kernel_family(r["kernel"]) == "wgmma" and "atom_kernel" in impls:
                 # The Hopper family alone on pre-staged operands (what a fused quantize kernel
                 # feeds it); "atom" above also stages the activation with torch ops per call.
-                sa, sw = staging.stage_operand(a, "a"), kernels.staged_weight(wq)
+                sa, sw = staging.stage_operand(a), kernels.staged_weight(wq)
                 y = torch.empty((m, n), device=dev, dtype=torch.float16)
                 fk = lambda: kernels.staged_gemm(sa, sw, torch.float16, None, r["kernel"], y)  # noqa: E731
                 fk()
@@ -150,11 +150,11 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
         except (RuntimeError, formats.FormatError) as e:
             out["atom"] = {"error": str(e).splitlines()[0][:160]}
     if kernel_list:
-        # Each listed wgmma kernel alone on the same pre-staged operands (stock vs overlapped
-        # promotion, tiles): what atom_kernel times for the dispatched one.
+        # Each listed wgmma kernel alone on the same pre-staged operands (tiles, schedules):
+        # what atom_kernel times for the dispatched one.
         o = formats.choose_outliers(k, group, 128)
         spec = formats.QuantSpec(k, group, o)
-        sa = staging.stage_operand(formats.quantize_operand(x.float(), spec, clip=0.9), "a")
+        sa = staging.stage_operand(formats.quantize_operand(x.float(), spec, clip=0.9))
         sw = kernels.staged_weight(formats.quantize_operand(w.float(), spec, clip=0.85))
         y = torch.empty((m, n), device=dev, dtype=torch.float16)
         for name in kernel_list:

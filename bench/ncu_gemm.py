@@ -42,7 +42,7 @@ def main(argv=None) -> int:
             spec = formats.QuantSpec(k, args.group, formats.choose_outliers(k, args.group, 128))
             a = formats.quantize_operand(x.float(), spec, clip=0.9)
             wq = formats.quantize_operand(w.float(), spec, clip=0.85)
-            sa, sw = staging.stage_operand(a, "a"), kernels.staged_weight(wq)
+            sa, sw = staging.stage_operand(a), kernels.staged_weight(wq)
             name = kernels.extension().plan(args.kernel, m, n, k, args.group, spec.outliers, 0, 0, 0)[0]
             fn = lambda: kernels.staged_gemm(sa, sw, torch.float16, None, name, y)  # noqa: E731
         elif impl == "fp8":

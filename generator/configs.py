@@ -14,13 +14,15 @@ Families:
            ``warps_k`` warps splitting K in contiguous ranges (``_kw<n>``). There tile_m = tokens
            per CTA (= warp_m), warp_n = weight rows per warp (16 or 32), tile_k = 128 (one 64-byte
            chunk per row), stages = chunks in flight per warp (shared memory, not registers).
-    wgmma  the Hopper (sm90a) family: CUTLASS 3.x blockwise-scaling FP8 wgmma mainloop over the
-           staged "digit plane" operands of atom_ops/staging.py (exact small integers in e4m3,
-           promoted to float after every 128-column group). Group 128 only; ``swap_ab`` puts
-           the tokens on wgmma's N dimension for small M. tile_k counts staged (FP8) columns.
-           ``promotion="overlap"`` (name suffix ``_ovl``) swaps in the overlapped-promotion
-           mainloop of templates/atom_wgmma_overlap.cuh.j2 (same arithmetic, promotion of
-           k-tile k-1 overlapped with k-tile k's wgmmas).
+    wgmma  the Hopper (sm90a) family: CUTLASS 3.x blockwise-scaling collective (TMA, scales,
+           pipeline) with our mainloop (templates/atom_wgmma_overlap.cuh.j2) over the staged
+           operands of atom_ops/staging.py: INT4 groups as e4m3 bytes on FP8 wgmma, the INT8
+           outlier group as int8 bytes on s8 wgmma, each group's exact dot promoted into the
+           float accumulator as the reference does (bit for bit), k-tile k-1's promotion
+           overlapped with k-tile k's wgmmas. ``promotion="overlap"`` (name suffix ``_ovl``) is
+           the only mainloop: CUTLASS's stock one cannot read the int8 block. Group 128 only;
+           ``swap_ab`` puts the tokens on wgmma's N dimension for small M. tile_k counts staged
+           (8-bit) columns.
     int8   not a W4A4 kernel: the plain CUTLASS INT8 GEMM (no groups) that bench/gemm.py uses as
            the ceiling; its own ``Int8GemmConfig`` and ABI (bottom of this file).
 """
@@ -66,9 +68,10 @@ IMPLEMENTED_FAMILIES = ("mma", "wgmma")
 OUT_DTYPES = {"f16": "__half", "bf16": "__nv_bfloat16"}      # name part -> C++ type
 OUT_DTYPE_ENUM = {"f16": "atom::OutDtype::kF16", "bf16": "atom::OutDtype::kBF16"}
 SCHEDULES = {"mma": ("multistage", "stream"), "wgmma": ("cooperative", "pingpong")}
-# wgmma promotion of each 128-column block: "stock" = CUTLASS's blockwise mainloop (wait for the
-# k-tile's wgmmas, then promote); "overlap" = templates/atom_wgmma_overlap.cuh.j2 (two temporary
-# accumulators: k-tile k-1 is promoted while k-tile k's wgmmas run). Name suffix _ovl.
+# wgmma mainloop: "overlap" = templates/atom_wgmma_overlap.cuh.j2 (two temporary accumulators:
+# k-tile k-1 is promoted while k-tile k's wgmmas run; INT8 outlier k-tiles), name suffix _ovl,
+# the wgmma family's only one. "stock" (CUTLASS's blockwise mainloop, no suffix) is what every
+# other family is (the field does not apply to them).
 PROMOTIONS = ("stock", "overlap")
 MAX_ACCUMULATOR_REGS = 128  # int32 + float accumulators per thread (mma family)
 # stream schedule: estimated registers per thread (KernelConfig.stream_regs: the current chunk,
@@ -104,7 +107,7 @@ class KernelConfig:
     cluster: tuple[int, int, int] = (1, 1, 1)
     schedule: str = "multistage"
     swap_ab: bool = False   # wgmma: GEMM A = weights, B = tokens (small M on wgmma's N)
-    promotion: str = "stock"  # wgmma: "overlap" = promote k-tile k-1 while k-tile k's wgmmas run (_ovl)
+    promotion: str = "stock"  # wgmma: must be "overlap" (our mainloop, _ovl); other families: "stock"
     warps_k: int = 1        # mma "stream": warps of a CTA splitting K (_kw<n>)
 
     # ------------------------------------------------------------------ naming
@@ -225,7 +228,8 @@ class KernelConfig:
     def supports(self, k: int, group: int, outliers: int, n: int) -> bool:
         """Whether this kernel runs a layer with these run-time values."""
         if self.family == "wgmma":
-            return group == WGMMA_GROUP and n % 8 == 0 and k - outliers > 0 and (k - outliers) % group == 0
+            return (group == WGMMA_GROUP and n % 8 == 0 and outliers <= WGMMA_GROUP and k - outliers > 0
+                    and (k - outliers) % group == 0)
         if n % 16 or group % self.tile_k or outliers % (self.tile_k // 2):
             return False
         if self.group is not None and group != self.group:
@@ -301,7 +305,6 @@ def _check_stream(self: KernelConfig, info: ArchInfo, bad) -> None:
 
 WGMMA_GROUP = 128             # the blockwise mainloop promotes once per 128-column k-tile
 WGMMA_EPILOGUE_SMEM = 32768   # reserve for the TMA epilogue's C/D staging buffers
-MAX_WGMMA_ACCUMULATOR_REGS = 128
 # Overlap: float accumulator + two temporaries. A consumer warp group gets 232 registers
 # (setmaxnreg); 64x128 (192) compiles without spills (ptxas -v, README), more would not fit.
 MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS = 192
@@ -311,6 +314,9 @@ def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
     """Limits of the wgmma family (templates/kernel_wgmma.cu.j2, CUTLASS's blockwise FP8 mainloop)."""
     if self.arch != "sm90a":
         bad("the wgmma family is built for sm90a only")
+    if self.promotion != "overlap":
+        bad("the wgmma family runs only its own mainloop, promotion='overlap' (CUTLASS's stock "
+            "blockwise mainloop cannot read the staged INT8 outlier block)")
     if self.group != WGMMA_GROUP:
         bad(f"the wgmma family needs group={WGMMA_GROUP} (one promotion per 128-column k-tile)")
     if self.outliers is not None:
@@ -326,11 +332,9 @@ def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
         bad("the cooperative schedule needs tile_m = 128 (two consumer warp groups of 64 rows)")
     if (self.warp_m, self.warp_n) != want:
         bad(f"warp tile must be one consumer warp group's tile {want[0]}x{want[1]} for {self.schedule}")
-    limit, what = ((MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS, "two float temporaries + float") if self.promotion == "overlap"
-                   else (MAX_WGMMA_ACCUMULATOR_REGS, "float temporary + float"))
-    if self.accumulator_regs > limit:
+    if self.accumulator_regs > MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS:
         bad(f"warp group tile {self.warp_m}x{self.warp_n} needs {self.accumulator_regs} accumulator "
-            f"registers per thread ({what}), more than {limit}")
+            f"registers per thread (two float temporaries + float), more than {MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS}")
     if self.stages != 0:
         bad("stages must be 0 (auto: CUTLASS's blockwise builder sizes the pipeline to the shared memory)")
     if self.cluster[2] != 1 or self.cluster[0] * self.cluster[1] > 2:

@@ -88,10 +88,10 @@ def default_dispatch(arch: str) -> ArchDispatch:
     bench/results/gemm_h100_ovl.txt); calls a kernel cannot run (group 64 on the stream and
     wgmma kernels) fall back at run time to the first compiled kernel that can (the binding's
     plan()), i.e. the mma family's multistage tiles."""
-    from .manifest import LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL
+    from .manifest import LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL
     if arch == "sm90a":
         rules = (DispatchRule(8, STREAM_M8.replace(arch=arch)), DispatchRule(16, STREAM.replace(arch=arch)),
-                 DispatchRule(64, WGMMA_DECODE), DispatchRule(512, WGMMA_MEDIUM), DispatchRule(None, WGMMA_PREFILL_OVL))
+                 DispatchRule(64, WGMMA_DECODE), DispatchRule(512, WGMMA_MEDIUM), DispatchRule(None, WGMMA_PREFILL))
         check_rules(list(rules), f"default dispatch for {arch}")
         return ArchDispatch(rules)
     small = SMALL.replace(arch=arch)

@@ -67,27 +67,19 @@ STREAM_LEVEL1 = (
 # sm90a wgmma family (group 128 only), the fastest of the level-1 sweep on our H100 per M range
 # (bench/results/gemm_h100_wgmma_sweep.txt): a swap-AB decode tile (weights x tokens, ping-pong),
 # a swap-AB medium tile (cooperative) and the prefill tile (cooperative, 2-CTA cluster along
-# the weights).
+# the weights). All run our mainloop (promotion="overlap", atom_wgmma_overlap.cuh: overlapped
+# promotion, INT8 outlier k-tiles, the reference's arithmetic bit for bit).
 WGMMA_DECODE = KernelConfig("wgmma", "sm90a", 64, 32, 128, 64, 32, 0, group=128, schedule="pingpong",
-                            swap_ab=True)
+                            swap_ab=True, promotion="overlap")
 WGMMA_MEDIUM = KernelConfig("wgmma", "sm90a", 128, 64, 128, 64, 64, 0, group=128, schedule="cooperative",
-                            swap_ab=True)
+                            swap_ab=True, promotion="overlap")
 WGMMA_PREFILL = KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=128, cluster=(1, 2, 1),
-                             schedule="cooperative")
-# The prefill tile with the overlapped promotion (atom_wgmma_overlap.cuh), the default for M > 512
-# since it measured 1.0-1.1x the stock one at M = 4096 / 8192 (bench/results/gemm_h100_ovl.txt);
-# the stock one stays at level 0 so every build can time the two against each other.
-WGMMA_PREFILL_OVL = WGMMA_PREFILL.replace(promotion="overlap")
+                             schedule="cooperative", promotion="overlap")
 WGMMA_LEVEL1 = (
-    KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=128, schedule="cooperative"),
-    KernelConfig("wgmma", "sm90a", 64, 128, 128, 64, 128, 0, group=128, schedule="pingpong"),
-    KernelConfig("wgmma", "sm90a", 64, 16, 128, 64, 16, 0, group=128, schedule="pingpong", swap_ab=True),
-    # overlapped-promotion variants: medium tile, prefill tile without cluster, ping-pong 64x128
-    WGMMA_MEDIUM.replace(promotion="overlap"),
-    KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=128, schedule="cooperative",
-                 promotion="overlap"),
-    KernelConfig("wgmma", "sm90a", 64, 128, 128, 64, 128, 0, group=128, schedule="pingpong",
-                 promotion="overlap"),
+    # prefill tile without cluster, ping-pong 64x128, a 16-token decode tile
+    WGMMA_PREFILL.replace(cluster=(1, 1, 1)),
+    KernelConfig("wgmma", "sm90a", 64, 128, 128, 64, 128, 0, group=128, schedule="pingpong", promotion="overlap"),
+    WGMMA_DECODE.replace(tile_n=16, warp_n=16),
 )
 LEVEL2_TILES = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128),
                 (128, 256), (256, 128)]
@@ -214,7 +206,7 @@ def level_configs(level: int) -> list[KernelConfig]:
     """Arch-less (arch='sm80' placeholder) configs of a level, f16 only; callers retarget."""
     if level < 0:
         raise ConfigError(f"--level must be >= 0, got {level}")
-    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL]
+    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
     if level >= 1:
         cfgs += list(LEVEL1) + list(STREAM_LEVEL1) + list(WGMMA_LEVEL1)
     if level >= 2:

@@ -1,5 +1,7 @@
 """The packed formats and the reference arithmetic every kernel is checked against."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -110,6 +112,31 @@ def test_w4a4_reference_equals_float_product_of_dequantized(k, group, outliers):
     res = torch.randn(13, 48).half()
     y16 = F.w4a4_matmul_reference(a, w, torch.float16, residual=res)
     assert torch.allclose(y16.float(), (ref + res.double()).float(), rtol=2e-3, atol=2e-3)
+
+
+def _fma_exact(a: float, b: float, c: float) -> float:
+    """a * b + c rounded once to float32 (nearest, ties to even), in exact rational arithmetic."""
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    near = torch.tensor(float(exact)).float()  # within one float32 step of the answer
+    up, down = torch.nextafter(near, torch.tensor(float("inf"))), torch.nextafter(near, torch.tensor(float("-inf")))
+    return float(min((near, up, down), key=lambda t: (abs(Fraction(float(t)) - exact), int(t.view(torch.int32)) & 1)))
+
+
+def test_fma_f32_rounds_once():
+    g = torch.Generator().manual_seed(5)
+    dot = torch.randint(-8192, 8193, (3000,), generator=g).float()
+    s = (torch.rand(3000, generator=g) * 1e-3).float()
+    acc = (torch.randn(3000, generator=g) * 4).float()
+    got = F.fma_f32(dot, s, acc)
+    assert got.tolist() == [_fma_exact(*v) for v in zip(dot.tolist(), s.tolist(), acc.tolist())]
+    # The float64 sum is a float32 tie although the exact value is below it: float64-then-float32
+    # double-rounds up (1 + 2^-22); one rounding stays at 1 + 2^-23.
+    a, b, c = torch.tensor([1 + 2**-23]), torch.tensor([(1 - 2**-23) * 2**-24]), torch.tensor([1 + 2**-23])
+    assert (a.double() * b.double() + c.double()).float().item() == 1 + 2**-22
+    assert F.fma_f32(a, b, c).item() == _fma_exact(a.item(), b.item(), c.item()) == 1 + 2**-23
+    # An exact tie rounds to even; broadcasting like torch.addcmul.
+    assert F.fma_f32(torch.tensor([1.0]), torch.tensor([2**-24]), torch.tensor([1.0])).item() == 1.0
+    assert F.fma_f32(torch.ones(2, 1), torch.full((1, 3), 0.5), torch.zeros(2, 3)).shape == (2, 3)
 
 
 def test_w4a4_reference_rejects_spec_mismatch():

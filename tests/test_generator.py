@@ -15,7 +15,7 @@ from generator import ConfigError, KernelConfig, Manifest, default_manifest, emi
 from generator.cli import main as cli_main
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
-from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_PREFILL_OVL, level_configs,
+from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, level_configs,
                                 committed_table_kernels, model_shapes, outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,8 +143,8 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     for cfg in (WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL):
         cfg.validate()
         assert KernelConfig.from_name(cfg.name) == cfg
-    assert WGMMA_DECODE.name == "atom_w4a4_wgmma_sm90a_t64x32x128_w64x32_sauto_pingpong_swap_g128_oany_f16"
-    assert WGMMA_PREFILL.name == "atom_w4a4_wgmma_sm90a_t128x128x128_w64x128_sauto_c1x2x1_g128_oany_f16"
+    assert WGMMA_DECODE.name == "atom_w4a4_wgmma_sm90a_t64x32x128_w64x32_sauto_pingpong_swap_ovl_g128_oany_f16"
+    assert WGMMA_PREFILL.name == "atom_w4a4_wgmma_sm90a_t128x128x128_w64x128_sauto_c1x2x1_ovl_g128_oany_f16"
     # Group 128 only; any outlier count the format allows; N % 8.
     assert WGMMA_PREFILL.supports(4096, 128, 128, 4104) and WGMMA_PREFILL.supports(576, 128, 64, 64)
     assert not WGMMA_PREFILL.supports(4096, 64, 128, 4096) and not WGMMA_PREFILL.supports(4096, 128, 128, 4100)
@@ -153,13 +153,13 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     level0 = {c.replace(arch="sm90a").name for c in level_configs(0)} | {c.name for c in default_dispatch("sm90a").kernels()}
     fams = sorted(c.family for c in m.configs() if c.name in level0)
     # + the mma family: multistage fallback for group 64 and the stream decode kernels
-    assert fams.count("wgmma") == 4 and fams.count("mma") == 4
+    assert fams.count("wgmma") == 3 and fams.count("mma") == 4
     # ... and every kernel the table picks, in both output dtypes: a default build runs its choices
     assert {c.name for c in m.configs() if c.out_dtype == "f16"} == level0 | tuned
     assert any(c.family == "mma" and c.schedule == "stream" for c in committed_table_kernels("sm90a"))
     d = default_dispatch("sm90a")
     assert [r.kernel for r in d.rules] == [STREAM_M8.replace(arch="sm90a"), STREAM.replace(arch="sm90a"),
-                                           WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL_OVL]
+                                           WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
     out = tmp_path / "gen"
     emit(m, out)
     src = (out / "sm90a" / f"{WGMMA_DECODE.name}.cu").read_text()
@@ -169,7 +169,7 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert "KernelTmaWarpSpecializedCooperativeFP8Blockwise" in pre and "Shape<_1, _2, _1>" in pre
     reg = (out / "sm90a" / "registry.cpp").read_text()
     assert f'if (M <= 64) return {{"{WGMMA_DECODE.name}", 1}};' in reg
-    assert f'return {{"{WGMMA_PREFILL_OVL.replace(out_dtype="bf16").name}", 1}};' in reg
+    assert f'return {{"{WGMMA_PREFILL.replace(out_dtype="bf16").name}", 1}};' in reg
     api = (out / "include" / "atom_w4a4_api.h").read_text()
     assert "inline int staged_k(int K, int outliers)" in api
     # The plain CUDA TUs (fused quantization, KV4 attention) are emitted once and compiled for every arch's gencode.
@@ -181,32 +181,33 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     assert "compute_90a" in cm.split("ATOM_GENCODE_ALL", 1)[1].splitlines()[0]
 
 
-def test_wgmma_overlap_promotion_config_naming_and_render(tmp_path):
-    ovl = WGMMA_PREFILL_OVL
-    assert ovl.promotion == "overlap" and WGMMA_PREFILL.promotion == "stock"
-    # Stock names are unchanged; overlap adds _ovl (after schedule/swap) and round-trips.
+def test_wgmma_overlap_mainloop_config_naming_and_render(tmp_path):
+    ovl = WGMMA_PREFILL
+    assert all(c.promotion == "overlap" for c in (WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL))
+    # The overlap mainloop adds _ovl (after schedule/swap) and round-trips.
     assert ovl.name == "atom_w4a4_wgmma_sm90a_t128x128x128_w64x128_sauto_c1x2x1_ovl_g128_oany_f16"
-    swap = WGMMA_MEDIUM.replace(promotion="overlap", out_dtype="bf16")
+    swap = WGMMA_MEDIUM.replace(out_dtype="bf16")
     assert swap.name == "atom_w4a4_wgmma_sm90a_t128x64x128_w64x64_sauto_swap_ovl_g128_oany_bf16"
     pp = KernelConfig("wgmma", "sm90a", 64, 128, 128, 64, 128, 0, group=128, schedule="pingpong", promotion="overlap")
     for c in (ovl, swap, pp):
         c.validate()
         assert KernelConfig.from_name(c.name) == c
-    assert ovl.supports(4096, 128, 128, 4096) == WGMMA_PREFILL.supports(4096, 128, 128, 4096)
     # Two temporaries + the accumulator: 192 registers at a 64x128 warp-group tile, 64x256 is too many.
-    assert ovl.accumulator_regs == 192 and WGMMA_PREFILL.accumulator_regs == 128
+    assert ovl.accumulator_regs == 192
     with pytest.raises(ConfigError, match="accumulator"):
         pp.replace(tile_n=256, warp_n=256).validate()
     with pytest.raises(ConfigError, match="promotion 'eager' not in"):
         WGMMA_PREFILL.replace(promotion="eager").validate()
+    # CUTLASS's stock mainloop cannot read the staged INT8 outlier block: not a wgmma config.
+    with pytest.raises(ConfigError, match="INT8 outlier block"):
+        WGMMA_PREFILL.replace(promotion="stock").validate()
     with pytest.raises(ConfigError, match="only in the wgmma family"):
         LARGE.replace(promotion="overlap").validate()
-    # Level 0: the prefill tile's overlap variant (both dtypes); level 1 adds medium, no-cluster
-    # and ping-pong overlap tiles. The default dispatch takes the overlap prefill tile above M = 512.
-    lv0 = [c for c in level_configs(0) if c.promotion == "overlap"]
-    lv1 = [c for c in level_configs(1) if c.promotion == "overlap"]
-    assert lv0 == [ovl] and len(lv1) == 4
-    assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock"] * 4 + ["overlap"]
+    # Level 0: the three dispatch tiles (both dtypes); level 1 adds no-cluster, ping-pong and 16-token tiles.
+    lv0 = [c for c in level_configs(0) if c.family == "wgmma"]
+    lv1 = [c for c in level_configs(1) if c.family == "wgmma"]
+    assert lv0 == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL] and len(lv1) == 6
+    assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock"] * 2 + ["overlap"] * 3
     m = default_manifest(["sm90a"])
     assert {ovl.name, ovl.replace(out_dtype="bf16").name} <= set(m.names())
     out = tmp_path / "gen"
@@ -214,14 +215,14 @@ def test_wgmma_overlap_promotion_config_naming_and_render(tmp_path):
     src = (out / "sm90a" / f"{ovl.name}.cu").read_text()
     assert '#include "atom_wgmma_overlap.cuh"' in src
     assert "using CollectiveMainloop = atom::Sm90OverlapPromotionMma<StockMainloop>;" in src
-    stock = (out / "sm90a" / f"{WGMMA_PREFILL.name}.cu").read_text()
-    assert "atom_wgmma_overlap" not in stock and "Sm90OverlapPromotionMma" not in stock
+    assert "(p.k_staged - (p.K - p.outliers)) / kBlock}" in src  # the INT8 outlier k-tiles, at run time
     hdr = (out / "include" / "atom_wgmma_overlap.cuh").read_text()
     assert "struct MainloopSm90OverlapPromotion" in hdr and "warpgroup_wait<1>()" in hdr
+    assert "ss_op_selector<int8_t, int8_t, int32_t" in hdr and "__fmaf_rn(tmp(i), __fmul_rn(tCrSFA(i), tCrSFB(i))" in hdr
+    assert "__fmaf_rn(__int2float_rn(dot(i)), __fmul_rn(tCrSFA(i), tCrSFB(i))" in hdr  # the outlier k-tile
     reg = (out / "sm90a" / "registry.cpp").read_text()
     assert f"&launch_{ovl.name}" in reg
     assert f'return {{"{ovl.name}", 1}}' in reg  # the default above M = 512
-    assert f"&launch_{WGMMA_PREFILL.name}" in reg  # the stock twin: compiled, listed, forced by name only
     data = json.loads((out / "manifest.json").read_text())
     assert {k["name"]: k["promotion"] for k in data["kernels"]}[ovl.name] == "overlap"
 

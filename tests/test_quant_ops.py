@@ -122,7 +122,7 @@ def test_kernel_matches_reference():
             if not torch.equal(getattr(got, f), getattr(want, f)):
                 bad.append(f"{i} {prologue} M={m} {spec} {dtype} clip={clip}: {f} differs")
         if staged:
-            ref = staging.stage_operand(want, "a")
+            ref = staging.stage_operand(want)
             if not (torch.equal(st.values.view(torch.uint8), ref.values.view(torch.uint8))
                     and torch.equal(st.scale, ref.scale)):
                 bad.append(f"{i} staged output differs for M={m} {spec}")
@@ -164,7 +164,7 @@ def _check_kernel(m, spec, prologue, dtype, clip, x, perm, weight, staged) -> li
         return [f"{name}: max step {int(d.max())}, {int((d > 0).sum())} flips"] if bad else []
     bad = [f"{name}: {f} differs" for f in ("packed", "outlier", "scale") if not torch.equal(getattr(got, f), getattr(want, f))]
     if staged and not bad:
-        ref = staging.stage_operand(want, "a")
+        ref = staging.stage_operand(want)
         if not (torch.equal(st.values.view(torch.uint8), ref.values.view(torch.uint8)) and torch.equal(st.scale, ref.scale)):
             bad.append(f"{name}: staged output differs")
     return bad
@@ -211,7 +211,7 @@ def test_stage_kernel_matches_staging_reference(k, outliers):
     x = torch.randn(37, k, device="cuda")
     x[:, spec.k_normal:] *= 50
     a = formats.quantize_operand(x, spec, clip=0.9)
-    got, ref = kernels.stage_activation(a), staging.stage_operand(a, "a")
+    got, ref = kernels.stage_activation(a), staging.stage_operand(a)
     assert torch.equal(got.values.view(torch.uint8), ref.values.view(torch.uint8))
     assert torch.equal(got.scale, ref.scale)
 
