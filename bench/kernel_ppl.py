@@ -1,4 +1,4 @@
-"""Which op moves the GPU kernel path's perplexity off the pure-torch reference's?
+"""Does the GPU kernel path's perplexity equal the pure-torch reference's, and if not, which op moves it?
 
     python -m bench.kernel_ppl        (a CUDA GPU with the extension, the shipped SmolLM2, the eval data)
 
@@ -6,7 +6,8 @@ Quantizes the shipped SmolLM2 with the Atom recipe (2 calibration windows of 102
 tests/test_real_model.py does) and prints its WikiText-2 perplexity on 2 windows through: all
 kernels; reference quantization + kernel GEMM; kernel quantization + reference GEMM; all references.
 Then kernels vs references on 8 and 32 windows. The README's "GPU kernel path's perplexity" numbers
-come from it (bench/results/kernel_ppl_h100.log; an H200 printed the same digits).
+come from it (bench/results/kernel_ppl_h100.log: since the ninth session all four paths print the same
+value, the kernels computing the references' arithmetic bit for bit).
 """
 
 import contextlib

@@ -550,8 +550,11 @@ def test_fused_atom_layers_match_the_layers_they_regroup(atom_checkpoint):
             assert torch.equal(fused_layer.down_proj(fused_layer.gate_up(h2), "silu_mul", input_permuted=True),
                                mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h2)) * mlp.up_proj(h2)))
             ref, got = layer(x, cos, sin).float(), fused_layer(x, cos, sin).float()
-            assert (got - ref).abs().max() <= 4e-2 * ref.abs().max()
-            assert (got - ref).pow(2).mean().sqrt() <= 2e-2 * ref.pow(2).mean().sqrt()
+            # Chaotic, not systematic: layer 2 measured 2.7% max / 1.3% rms with the reference's
+            # multiply-then-add promotion, 4.7% / 2.1% with its single-rounding FMA (same layers,
+            # same input); a regrouping or permutation error is of order 100%.
+            assert (got - ref).abs().max() <= 8e-2 * ref.abs().max()
+            assert (got - ref).pow(2).mean().sqrt() <= 4e-2 * ref.pow(2).mean().sqrt()
             x = layer(x, cos, sin)
     engine = Engine(model, EngineConfig(page_size=8, max_context=64, max_batch=4))
     assert engine.fused is not None and engine.runner.body is engine.fused

@@ -127,16 +127,23 @@ def test_fma_f32_rounds_once():
     dot = torch.randint(-8192, 8193, (3000,), generator=g).float()
     s = (torch.rand(3000, generator=g) * 1e-3).float()
     acc = (torch.randn(3000, generator=g) * 4).float()
-    got = F.fma_f32(dot, s, acc)
-    assert got.tolist() == [_fma_exact(*v) for v in zip(dot.tolist(), s.tolist(), acc.tolist())]
+    want = [_fma_exact(*v) for v in zip(dot.tolist(), s.tolist(), acc.tolist())]
+    assert F.fma_f32_exact(dot, s, acc).tolist() == want
+    assert F.fma_f32(dot, s, acc).tolist() == want  # torch.addcmul where the probe passed
+    assert (dot * s + acc).tolist() != want  # a separate multiply and add rounds twice
     # The float64 sum is a float32 tie although the exact value is below it: float64-then-float32
     # double-rounds up (1 + 2^-22); one rounding stays at 1 + 2^-23.
     a, b, c = torch.tensor([1 + 2**-23]), torch.tensor([(1 - 2**-23) * 2**-24]), torch.tensor([1 + 2**-23])
     assert (a.double() * b.double() + c.double()).float().item() == 1 + 2**-22
-    assert F.fma_f32(a, b, c).item() == _fma_exact(a.item(), b.item(), c.item()) == 1 + 2**-23
-    # An exact tie rounds to even; broadcasting like torch.addcmul.
+    assert F.fma_f32_exact(a, b, c).item() == _fma_exact(a.item(), b.item(), c.item()) == 1 + 2**-23
+    assert F.fma_f32(a, b, c).item() == 1 + 2**-23
+    # An exact tie rounds to even; broadcasting operands take the exact emulation.
     assert F.fma_f32(torch.tensor([1.0]), torch.tensor([2**-24]), torch.tensor([1.0])).item() == 1.0
     assert F.fma_f32(torch.ones(2, 1), torch.full((1, 3), 0.5), torch.zeros(2, 3)).shape == (2, 3)
+    # A large 2-D call (vector body and tails): the fast path equals the emulation.
+    big = [torch.randint(-8192, 8193, (513, 1031), generator=g).float(), torch.rand(513, 1031, generator=g) * 1e-3,
+           torch.randn(513, 1031, generator=g) * 4]
+    assert torch.equal(F.fma_f32(*big), F.fma_f32_exact(*big))
 
 
 def test_w4a4_reference_rejects_spec_mismatch():
