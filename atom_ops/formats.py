@@ -277,8 +277,9 @@ _HALF29 = 1 << 28        # ... holding exactly half a float32 ulp: a float32 tie
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """fma(a, b, c) for float32 tensors, rounded once (round-to-nearest-even), as CUDA's FFMA.
 
-    torch.addcmul computes exactly this on the devices we know (vectorized fused multiply-add;
-    a plain multiply and add differs on ~1/4 of random inputs), so it is used wherever a probe
+    torch.addcmul computes exactly this on the devices we know (vectorized fused multiply-add:
+    0 mismatches over 10M values on an AVX512 CPU and 16M on the H100, where a plain multiply and
+    add differs on ~1/4 of them), so it is used wherever a probe
     against the exact emulation (``fma_f32_exact``) on the same kind of call passed: same-shape
     contiguous float32 operands, checked once per device type. Elsewhere the exact emulation runs
     (~4x slower on the CPU).

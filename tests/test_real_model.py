@@ -97,9 +97,9 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split):
     perplexity, exactly. The quantization kernel is bit-exact, and at these sizes (M = 1024 tokens
     per call) every GEMM runs the wgmma prefill tile with the overlapped promotion, which computes
     the reference's arithmetic in its order (formats.w4a4_matmul_reference: acc = fma(dot, sa * sw,
-    acc) per group, the outlier group's digit planes summed exactly and promoted once). Before
-    that (promotion (dot * sa) * sw, four outlier promotions) this small W4A4 model amplified the
-    last-bit differences through the next layer's 4-bit rounding: 34.92 vs 34.84."""
+    acc) per group, the outlier group as one exact INT8 dot, promoted last). Before that (promotion
+    (dot * sa) * sw, the outlier group as four FP8 digit planes promoted one by one) this small W4A4
+    model amplified the last-bit differences through the next layer's 4-bit rounding: 34.92 vs 34.84."""
     from atom_ops import kernels
     from bench.kernel_ppl import op_path
     from models.eval import perplexity
