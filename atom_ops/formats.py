@@ -29,8 +29,9 @@ The W4A4 product (Atom's formula), for output element (m, n):
               float(dot_int(qa[m, g], qw[n, g])) * (float(sa[m, g]) * float(sw[n, g]))
 accumulated in float32, plus an optional residual, then rounded to the output dtype.
 Rounding, exactly: per group, s = fp32(sa * sw) and acc = fma(dot, s, acc) (one rounding per
-group: a GPU's FFMA); the integer dot is exact. The mma and stream kernels and the wgmma
-kernels with the overlapped promotion compute exactly this, in this order.
+group: a GPU's FFMA); the integer dot is exact. The wgmma kernels and the mma family's multistage
+tiles without split-K compute exactly this, in this order (tests/test_gemm_gpu.py::must_be_exact);
+split-K and the stream kernels' K split across warps sum the same terms in another order.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ INT4 groups on FP8 wgmma (whose peak equals INT8's) and the INT8 outlier group o
 
 The kernel's mainloop (templates/atom_wgmma_overlap.cuh.j2) promotes each group's exact dot into
 the float32 accumulator with the group's per-row and per-column scales, acc = fma(dot, sa * sw,
-acc), in K order with the outlier group (its P blocks summed in int32) last: exactly
-``formats.w4a4_matmul_reference``.
+acc), in K order with the outlier group last: exactly ``formats.w4a4_matmul_reference``. The
+kernels take one outlier block (O <= 128); the format itself allows more.
 
 Staged operand (weights once at load time, activations per call; both sides the same format):
     values  uint8   [rows, K']   K' = 128 * (G + P): G blocks of e4m3 bytes, P of int8 bytes
