@@ -338,15 +338,22 @@ def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, re
     return _launch_staged(name, sa, sw, code, residual, _output(out, m, n, out_dtype, dev))
 
 
+def uses_weight_fragments(name: str) -> bool:
+    """Whether wgmma kernel ``name`` reads staging.weight_fragments (config weights="frag4", _w4)."""
+    return "_w4_" in name
+
+
 def _launch_staged(name: str, sa: StagedOperand, sw: StagedOperand, code: int, residual, out: torch.Tensor):
     """Launch wgmma kernel ``name`` (planned, arguments checked) on the current device's stream."""
     spec = sa.spec
     stream = torch.cuda.current_stream(out.device).cuda_stream
+    # _w4 kernels read the weights as 4-bit register fragments (made once per staged weight)
+    frag4 = staging.weight_fragments(sw).data_ptr() if uses_weight_fragments(name) else 0
     extension().w4a4_gemm(name, 0, 0, 0, 0, 0, 0, out.data_ptr(), residual.data_ptr() if residual is not None else 0,
                           0, sa.rows, sw.rows, spec.k, spec.group, spec.outliers, code, 1, stream,
                           a_staged=sa.values.data_ptr(), a_staged_scale=sa.scale.data_ptr(),
                           w_staged=sw.values.data_ptr(), w_staged_scale=sw.scale.data_ptr(),
-                          k_staged=sw.values.shape[1])
+                          k_staged=sw.values.shape[1], w_frag4=frag4)
     return out
 
 

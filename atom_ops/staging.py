@@ -20,6 +20,21 @@ Staged operand (weights once at load time, activations per call; both sides the 
                                     block carries the outlier group's scale
 
 Only group 128 is staged (one promotion per 128-column k-tile).
+
+Weight fragments (``weight_fragments``, the ``_w4`` kernels): the staged weight's values again,
+4 bits per INT4 value, in the order the kernels' register-operand wgmma wants them, so the
+decode-size kernels read half the weight bytes (the INT4 groups stay 4-bit in global memory and
+become e4m3 in registers). Rows in blocks of 64 (one consumer warp group's wgmma M): per block
+the G INT4 k-tiles (4096 bytes each), then the P outlier k-tiles (8192 bytes each, int8):
+    INT4 k-tile   thread t of the warp group (warp w = t // 32, g = lane // 4, c = lane % 4)
+                  holds 64 nibbles n (16 fragment registers q = n // 4 of 4 values, byte
+                  b = n % 4); register q = 4 kb + r is wgmma k-block kb's register r:
+                  row 16 w + g + 8 (r % 2), column 32 kb + 16 (r // 2) + 4 c + b (the PTX A
+                  fragment of m64nNk32 for 8-bit types, CuTe's ALayout_64x32). Nibble n is at
+                  byte 2048 (n // 32) + 16 t + (n % 32) // 2, low nibble first: each warp reads
+                  two 512-byte runs with 16-byte loads (k-blocks 0-1, then 2-3).
+    outlier       the same registers as int8 bytes: register r of k-block kb at byte
+                  2048 kb + 16 t + 4 r + b.
 """
 
 from __future__ import annotations
@@ -58,6 +73,7 @@ class StagedOperand:
     values: torch.Tensor   # uint8 [rows, K']: e4m3 bytes, then int8 bytes
     scale: torch.Tensor    # float32 [blocks, rows]
     spec: QuantSpec
+    frag4: torch.Tensor | None = None  # weights: weight_fragments(), made on first use
 
     @property
     def rows(self) -> int:
@@ -82,6 +98,71 @@ def stage_operand(t: QuantizedTensor) -> StagedOperand:
         parts.append(torch.nn.functional.pad(t.outlier, (0, P * BLOCK - spec.outliers)).view(torch.uint8))
         scales.append(t.scale[:, G].float().expand(P, rows))
     return StagedOperand(torch.cat(parts, dim=1).contiguous(), torch.cat(scales, dim=0).contiguous(), spec)
+
+
+FRAG_ROWS = 64             # rows per fragment block (one warp group's wgmma M)
+FRAG_INT4_BYTES = 4096     # one INT4 k-tile of a block: 64 x 128 nibbles
+FRAG_OUTLIER_BYTES = 8192  # one outlier k-tile of a block: 64 x 128 int8
+
+
+def _fragment_coords(n_values: int, values_per_byte: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) inside a 64 x 128 k-tile of each value slot of the fragment layout (module
+    docstring), slots in memory order (nibble slot = 2 * byte + high nibble)."""
+    slot = torch.arange(n_values)
+    byte = slot // values_per_byte
+    t = (byte % 2048) // 16
+    if values_per_byte == 2:   # INT4: thread nibble n from byte 2048 h + 16 t + o, nibble slot % 2
+        n = (byte // 2048) * 32 + (byte % 16) * 2 + slot % 2
+        q, b = n // 4, n % 4
+        kb, r = q // 4, q % 4
+    else:                      # outlier int8: byte 2048 kb + 16 t + 4 r + b
+        kb, r, b = byte // 2048, (byte % 16) // 4, byte % 4
+    w, lane = t // 32, t % 32
+    g, c = lane // 4, lane % 4
+    return 16 * w + g + 8 * (r % 2), 32 * kb + 16 * (r // 2) + 4 * c + b
+
+
+def fragments_supported(spec: QuantSpec, rows: int) -> bool:
+    return spec.group == BLOCK and rows % FRAG_ROWS == 0
+
+
+def weight_fragments(st: StagedOperand) -> torch.Tensor:
+    """uint8 [rows / 64, G * 4096 + P * 8192]: the staged weight in the ``_w4`` kernels'
+    register-fragment order (module docstring); made once and kept in ``st.frag4``."""
+    if st.frag4 is not None:
+        return st.frag4
+    spec, rows = st.spec, st.rows
+    if not fragments_supported(spec, rows):
+        raise FormatError(f"weight fragments need group {BLOCK} and rows % {FRAG_ROWS} == 0, got "
+                          f"group={spec.group} rows={rows}")
+    G, P, dev = spec.normal_groups, outlier_blocks(spec), st.values.device
+    blocks = rows // FRAG_ROWS
+    tiles = st.values.view(blocks, FRAG_ROWS, G + P, BLOCK).permute(0, 2, 1, 3)  # [blocks, k-tile, 64, 128]
+    row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 2))
+    ints = tiles[:, :G].contiguous().view(FP8).to(torch.int16)[:, :, row, col]  # [blocks, G, 8192] nibble slots
+    nib = (ints & 0xF).to(torch.uint8)
+    parts = [(nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(blocks, G * FRAG_INT4_BYTES)]
+    if P:
+        row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 1))
+        parts.append(tiles[:, G:][:, :, row, col].reshape(blocks, P * FRAG_OUTLIER_BYTES))
+    st.frag4 = torch.cat(parts, dim=1).contiguous()
+    return st.frag4
+
+
+def fragments_to_values(frag4: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The staged values [rows, K'] that ``weight_fragments`` reordered (its inverse; tests)."""
+    G, P = spec.normal_groups, outlier_blocks(spec)
+    blocks, dev = frag4.shape[0], frag4.device
+    tiles = torch.empty((blocks, G + P, FRAG_ROWS, BLOCK), dtype=torch.uint8, device=dev)
+    row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 2))
+    packed = frag4[:, : G * FRAG_INT4_BYTES].view(blocks, G, FRAG_INT4_BYTES)
+    nib = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(blocks, G, -1).to(torch.int16)
+    vals = torch.where(nib >= 8, nib - 16, nib).to(torch.float16).to(FP8).view(torch.uint8)
+    tiles[:, :G, row, col] = vals
+    if P:
+        row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 1))
+        tiles[:, G:, row, col] = frag4[:, G * FRAG_INT4_BYTES :].view(blocks, P, FRAG_OUTLIER_BYTES)
+    return tiles.permute(0, 2, 1, 3).reshape(blocks * FRAG_ROWS, (G + P) * BLOCK).contiguous()
 
 
 def unstage(st: StagedOperand) -> QuantizedTensor:

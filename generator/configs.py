@@ -22,7 +22,9 @@ Families:
            overlapped with k-tile k's wgmmas. ``promotion="overlap"`` (name suffix ``_ovl``) is
            the only mainloop: CUTLASS's stock one cannot read the int8 block. Group 128 only;
            ``swap_ab`` puts the tokens on wgmma's N dimension for small M. tile_k counts staged
-           (8-bit) columns.
+           (8-bit) columns. ``weights="frag4"`` (suffix ``_w4``, swap-AB only) reads the weights
+           4 bits per INT4 value (atom_ops.staging.weight_fragments) into register-operand
+           wgmmas: half the weight bytes, for the bandwidth-bound decode and medium tiles.
     int8   not a W4A4 kernel: the plain CUTLASS INT8 GEMM (no groups) that bench/gemm.py uses as
            the ceiling; its own ``Int8GemmConfig`` and ABI (bottom of this file).
 """
@@ -73,6 +75,9 @@ SCHEDULES = {"mma": ("multistage", "stream"), "wgmma": ("cooperative", "pingpong
 # the wgmma family's only one. "stock" (CUTLASS's blockwise mainloop, no suffix) is what every
 # other family is (the field does not apply to them).
 PROMOTIONS = ("stock", "overlap")
+# wgmma weight operand: "staged" = e4m3 / int8 bytes through TMA (SS wgmma); "frag4" = 4 bits per
+# INT4 value in register-fragment order (atom_ops.staging.weight_fragments), RS wgmma (_w4)
+WEIGHTS = ("staged", "frag4")
 MAX_ACCUMULATOR_REGS = 128  # int32 + float accumulators per thread (mma family)
 # stream schedule: estimated registers per thread (KernelConfig.stream_regs: the current chunk,
 # its mma fragments, int32 + float accumulators, copy pointers); beyond this ptxas spills (the
@@ -109,6 +114,7 @@ class KernelConfig:
     swap_ab: bool = False   # wgmma: GEMM A = weights, B = tokens (small M on wgmma's N)
     promotion: str = "stock"  # wgmma: must be "overlap" (our mainloop, _ovl); other families: "stock"
     warps_k: int = 1        # mma "stream": warps of a CTA splitting K (_kw<n>)
+    weights: str = "staged"  # wgmma swap-AB: "frag4" = 4-bit weight fragments, RS wgmma (_w4)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -127,6 +133,8 @@ class KernelConfig:
             parts.append("swap")
         if self.promotion != PROMOTIONS[0]:
             parts.append("ovl")
+        if self.weights != WEIGHTS[0]:
+            parts.append("w4")
         if self.split_k:
             parts.append("sk")
         parts.append(f"g{self.group if self.group is not None else 'any'}")
@@ -137,7 +145,7 @@ class KernelConfig:
     _NAME_RE = re.compile(
         r"^atom_w4a4_(?P<family>[a-z0-9]+)_(?P<arch>sm\d+a?)_t(?P<tm>\d+)x(?P<tn>\d+)x(?P<tk>\d+)"
         r"_w(?P<wm>\d+)x(?P<wn>\d+)_s(?P<st>\d+|auto)(?:_kw(?P<kw>\d+))?(?:_c(?P<cl>\d+x\d+x\d+))?(?:_(?P<sched>cooperative|pingpong|stream))?"
-        r"(?P<swap>_swap)?(?P<ovl>_ovl)?(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
+        r"(?P<swap>_swap)?(?P<ovl>_ovl)?(?P<w4>_w4)?(?P<sk>_sk)?_g(?P<g>\d+|any)_o(?P<o>\d+|any)_(?P<dt>f16|bf16)$")
 
     @classmethod
     def from_name(cls, name: str) -> "KernelConfig":
@@ -154,7 +162,7 @@ class KernelConfig:
                    cluster=tuple(int(x) for x in d["cl"].split("x")) if d["cl"] else (1, 1, 1),
                    schedule=d["sched"] or SCHEDULES.get(fam, ("multistage",))[0],
                    swap_ab=bool(d["swap"]), promotion="overlap" if d["ovl"] else PROMOTIONS[0],
-                   warps_k=int(d["kw"]) if d["kw"] else 1)
+                   warps_k=int(d["kw"]) if d["kw"] else 1, weights="frag4" if d["w4"] else WEIGHTS[0])
 
     def replace(self, **kw) -> "KernelConfig":
         return replace(self, **kw)
@@ -223,6 +231,10 @@ class KernelConfig:
             bad(f"promotion {self.promotion!r} not in {PROMOTIONS}")
         if self.promotion != PROMOTIONS[0] and self.family != "wgmma":
             bad(f"promotion {self.promotion!r} exists only in the wgmma family")
+        if self.weights not in WEIGHTS:
+            bad(f"weights {self.weights!r} not in {WEIGHTS}")
+        if self.weights != WEIGHTS[0] and self.family != "wgmma":
+            bad(f"weights {self.weights!r} exists only in the wgmma family")
         FAMILY_CHECKS[self.family](self, info, bad)
 
     def supports(self, k: int, group: int, outliers: int, n: int) -> bool:
@@ -337,6 +349,9 @@ def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
             f"registers per thread (two float temporaries + float), more than {MAX_WGMMA_OVERLAP_ACCUMULATOR_REGS}")
     if self.stages != 0:
         bad("stages must be 0 (auto: CUTLASS's blockwise builder sizes the pipeline to the shared memory)")
+    if self.weights == "frag4" and (not self.swap_ab or self.cluster != (1, 1, 1)):
+        bad("4-bit weight fragments (weights='frag4') need swap_ab (weights = wgmma's register "
+            "operand A) and no cluster")
     if self.cluster[2] != 1 or self.cluster[0] * self.cluster[1] > 2:
         bad(f"cluster {self.cluster}: at most 2 CTAs, cluster_k = 1")
     if self.smem_bytes > info.smem_bytes:

@@ -75,6 +75,17 @@ WGMMA_MEDIUM = KernelConfig("wgmma", "sm90a", 128, 64, 128, 64, 64, 0, group=128
                             swap_ab=True, promotion="overlap")
 WGMMA_PREFILL = KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=128, cluster=(1, 2, 1),
                              schedule="cooperative", promotion="overlap")
+# The swap-AB tiles reading the weights as 4-bit register fragments (weights="frag4", _w4;
+# atom_ops.staging.weight_fragments, register-operand wgmma): half the weight bytes, the same bits.
+# Measured (bench/results/gemm_h100_w4.txt): faster than the byte-staged tiles only where the
+# weight stream dominates (gate_up, 12288-row qkv at M = 16..64: 1.05-1.2x); the 4096-row layers
+# are bound by each CTA's serial k-tile chain, not bytes, and run slower. The medium tile is
+# built by default (tested everywhere, a tuning candidate), the others at level 1.
+WGMMA_MEDIUM_W4 = WGMMA_MEDIUM.replace(weights="frag4")
+WGMMA_W4_LEVEL1 = (
+    WGMMA_DECODE.replace(weights="frag4"),
+    WGMMA_DECODE.replace(tile_n=64, warp_n=64, weights="frag4"),
+)
 WGMMA_LEVEL1 = (
     # prefill tile without cluster, ping-pong 64x128, a 16-token decode tile
     WGMMA_PREFILL.replace(cluster=(1, 1, 1)),
@@ -206,9 +217,9 @@ def level_configs(level: int) -> list[KernelConfig]:
     """Arch-less (arch='sm80' placeholder) configs of a level, f16 only; callers retarget."""
     if level < 0:
         raise ConfigError(f"--level must be >= 0, got {level}")
-    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL]
+    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_MEDIUM_W4]
     if level >= 1:
-        cfgs += list(LEVEL1) + list(STREAM_LEVEL1) + list(WGMMA_LEVEL1)
+        cfgs += list(LEVEL1) + list(STREAM_LEVEL1) + list(WGMMA_LEVEL1) + list(WGMMA_W4_LEVEL1)
     if level >= 2:
         for (tm, tn), (wm, wn), tk, st in itertools.product(LEVEL2_TILES, LEVEL2_WARPS, LEVEL2_TILE_K,
                                                             LEVEL2_STAGES):

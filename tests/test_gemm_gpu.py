@@ -105,6 +105,8 @@ def test_every_kernel_random_shapes():
         for k in runnable:
             if k["out_dtype"] != want or spec.group % k["tile_k"] or spec.outliers % (k["tile_k"] // 2):
                 continue
+            if kernels.uses_weight_fragments(k["name"]) and n % k["tile_m"]:
+                continue  # 64-row fragment blocks per tile (test_weight_fragment_kernels runs them more)
             splits = [1] + ([random.Random(i).choice([2, 3, 4, 7, 64])] if k["split_k"] else [])
             runs += [(k["name"], k["name"], s) for s in splits]
         for label, name, split in runs:
@@ -128,6 +130,48 @@ def test_every_kernel_random_shapes():
     print(f"{N_SHAPES} shapes, {len(failures)} failures")
     assert not failures, "\n".join(failures[:20])
     assert all(v[0] > 0 for v in stats.values()), stats
+
+
+# The _w4 kernels (4-bit weight fragments, RS wgmma) need N % tile_m == 0: their own shapes, all
+# bit-exact; every awkward M, outliers 0 / 64 / 128, the Llama K values and a small one.
+def weight_fragment_cases(n_cases: int, seed: int = 7):
+    rng = random.Random(seed)
+    ms = [1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 700]
+    cases = []
+    for i in range(n_cases):
+        k = (576, 1536, 4096, 11008)[i % 4]
+        spec = rng.choice([s for s in _specs(k) if s.group == 128])
+        cases.append((rng.choice(ms), 128 * rng.randint(1, 48), spec, (torch.float16, torch.bfloat16)[i % 2],
+                      rng.random() < 0.5))
+    return cases
+
+
+@needs_gpu
+def test_weight_fragment_kernels():
+    w4 = [k for k in kernels.runnable_kernels() if kernels.uses_weight_fragments(k["name"])]
+    if not w4:
+        pytest.skip("no _w4 kernel runs on this device (sm90a only)")
+    failures, runs = [], 0
+    for i, (m, n, spec, dtype, residual) in enumerate(weight_fragment_cases(80)):
+        a, w, res = make_operands(m, n, spec, dtype, residual, seed=300 + i)
+        ref = formats.w4a4_matmul_reference(a, w, dtype, res)
+        want = "f16" if dtype == torch.float16 else "bf16"
+        for k in (k for k in w4 if k["out_dtype"] == want):
+            out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            got = kernels.w4a4_gemm(a, w, dtype, res, kernel=k["name"], out=out)
+            torch.cuda.synchronize()
+            runs += 1
+            if not torch.equal(got, ref):
+                failures.append(f"{k['name']} M={m} N={n} {spec} {dtype} residual={residual}: "
+                                f"{int((got != ref).sum())} of {got.numel()} elements differ from the reference")
+    print(f"_w4 kernels: {runs} runs, {len(failures)} failures")
+    assert runs and not failures, "\n".join(failures[:20])
+    # N not a multiple of the tile: the kernel says why, the dispatch never picks it
+    a, w, _ = make_operands(5, 192, QuantSpec(576, 128, 64), torch.float16, False)
+    tile128 = [k["name"] for k in w4 if k["tile_m"] == 128 and k["out_dtype"] == "f16"]
+    for name in tile128:
+        with pytest.raises(formats.FormatError, match="multiple of 128"):
+            kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name)
 
 
 # Prefill sizes for the wgmma family (test_every_kernel_random_shapes stops at M = 513): many

@@ -15,7 +15,7 @@ from generator import ConfigError, KernelConfig, Manifest, default_manifest, emi
 from generator.cli import main as cli_main
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
-from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, level_configs,
+from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_MEDIUM_W4, WGMMA_PREFILL, level_configs,
                                 committed_table_kernels, model_shapes, outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,8 +152,11 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     tuned = {c.name for c in committed_table_kernels("sm90a")}  # the committed H100 table's picks
     level0 = {c.replace(arch="sm90a").name for c in level_configs(0)} | {c.name for c in default_dispatch("sm90a").kernels()}
     fams = sorted(c.family for c in m.configs() if c.name in level0)
-    # + the mma family: multistage fallback for group 64 and the stream decode kernels
-    assert fams.count("wgmma") == 3 and fams.count("mma") == 4
+    # + the 4-bit weight fragment medium tile; the mma family: multistage fallback for group 64
+    # and the stream decode kernels
+    assert fams.count("wgmma") == 4 and fams.count("mma") == 4
+    assert WGMMA_MEDIUM_W4.name == "atom_w4a4_wgmma_sm90a_t128x64x128_w64x64_sauto_swap_ovl_w4_g128_oany_f16"
+    assert KernelConfig.from_name(WGMMA_MEDIUM_W4.name) == WGMMA_MEDIUM_W4
     # ... and every kernel the table picks, in both output dtypes: a default build runs its choices
     assert {c.name for c in m.configs() if c.out_dtype == "f16"} == level0 | tuned
     assert any(c.family == "mma" and c.schedule == "stream" for c in committed_table_kernels("sm90a"))
@@ -203,10 +206,11 @@ def test_wgmma_overlap_mainloop_config_naming_and_render(tmp_path):
         WGMMA_PREFILL.replace(promotion="stock").validate()
     with pytest.raises(ConfigError, match="only in the wgmma family"):
         LARGE.replace(promotion="overlap").validate()
-    # Level 0: the three dispatch tiles (both dtypes); level 1 adds no-cluster, ping-pong and 16-token tiles.
+    # Level 0: the three dispatch tiles and the _w4 medium tile (both dtypes); level 1 adds no-cluster,
+    # ping-pong, 16-token and the other _w4 tiles.
     lv0 = [c for c in level_configs(0) if c.family == "wgmma"]
     lv1 = [c for c in level_configs(1) if c.family == "wgmma"]
-    assert lv0 == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL] and len(lv1) == 6
+    assert lv0 == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_MEDIUM_W4] and len(lv1) == 9
     assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock"] * 2 + ["overlap"] * 3
     m = default_manifest(["sm90a"])
     assert {ovl.name, ovl.replace(out_dtype="bf16").name} <= set(m.names())
@@ -214,8 +218,11 @@ def test_wgmma_overlap_mainloop_config_naming_and_render(tmp_path):
     emit(m, out)
     src = (out / "sm90a" / f"{ovl.name}.cu").read_text()
     assert '#include "atom_wgmma_overlap.cuh"' in src
-    assert "using CollectiveMainloop = atom::Sm90OverlapPromotionMma<StockMainloop>;" in src
-    assert "(p.k_staged - (p.K - p.outliers)) / kBlock}" in src  # the INT8 outlier k-tiles, at run time
+    assert "using CollectiveMainloop = atom::Sm90OverlapPromotionMma<StockMainloop, false>;" in src
+    assert "(p.k_staged - (p.K - p.outliers)) / kBlock," in src  # the INT8 outlier k-tiles, at run time
+    w4 = (out / "sm90a" / f"{WGMMA_MEDIUM_W4.name}.cu").read_text()
+    assert "using CollectiveMainloop = atom::Sm90OverlapPromotionMma<StockMainloop, true>;" in w4
+    assert "if (!p.w_frag4)" in w4 and "if (!p.w_frag4)" not in src
     hdr = (out / "include" / "atom_wgmma_overlap.cuh").read_text()
     assert "struct MainloopSm90OverlapPromotion" in hdr and "warpgroup_wait<1>()" in hdr
     assert "ss_op_selector<int8_t, int8_t, int32_t" in hdr and "__fmaf_rn(tmp(i), __fmul_rn(tCrSFA(i), tCrSFB(i))" in hdr
@@ -471,3 +478,17 @@ def test_int8_family_names_manifest_and_emit(tmp_path):
     assert "Shape<_2, _1, _1>" in src90
     src80 = (out / "sm80" / f"{sm80.name}.cu").read_text()
     assert "GemmShape<128, 256, 64>" in src80 and "OpMultiplyAddSaturate" in src80
+
+
+def test_weight_fragment_configs():
+    # _w4 = 4-bit weight fragments (RS wgmma): wgmma swap-AB tiles without cluster only
+    from generator.manifest import WGMMA_W4_LEVEL1
+    for cfg in (WGMMA_MEDIUM_W4, *WGMMA_W4_LEVEL1):
+        cfg.validate()
+        assert "_ovl_w4_" in cfg.name and KernelConfig.from_name(cfg.name) == cfg
+    with pytest.raises(ConfigError, match="need swap_ab"):
+        WGMMA_PREFILL.replace(cluster=(1, 1, 1), weights="frag4").validate()
+    with pytest.raises(ConfigError, match="no cluster"):
+        WGMMA_MEDIUM_W4.replace(cluster=(1, 2, 1)).validate()
+    with pytest.raises(ConfigError, match="only in the wgmma family"):
+        SMALL.replace(weights="frag4").validate()

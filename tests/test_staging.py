@@ -55,3 +55,43 @@ def test_staged_k_matches_the_kernel_abi_rule():
     # atom_w4a4_api.h: staged_k(K, O) = 128 * ((K - O) / 128 + ceil(O / 128))
     for k, o in [(576, 64), (4096, 128), (11008, 128), (14336, 128), (1024, 0), (640, 256)]:
         assert staging.staged_k(QuantSpec(k, 128, o)) == 128 * ((k - o) // 128 + (o + 127) // 128)
+
+
+@pytest.mark.parametrize("rows, k, outliers", [(64, 576, 64), (192, 1536, 128), (128, 1024, 0), (64, 640, 256)])
+def test_weight_fragments_hold_the_staged_weight(rows, k, outliers):
+    spec = QuantSpec(k, 128, outliers)
+    g = torch.Generator().manual_seed(rows + k)
+    w = formats.quantize_operand(torch.randn(rows, k, generator=g) * torch.linspace(0.1, 9, k), spec)
+    if outliers:
+        w.outlier[0, 0] = -128
+    st = staging.stage_operand(w)
+    frag = staging.weight_fragments(st)
+    G, P = spec.normal_groups, staging.outlier_blocks(spec)
+    assert frag.dtype == torch.uint8 and frag.shape == (rows // 64, G * 4096 + P * 8192)
+    assert staging.weight_fragments(st) is frag  # made once
+    assert torch.equal(staging.fragments_to_values(frag, spec), st.values)
+    # The PTX A fragment of wgmma m64nNk32 (8-bit types), spelled out independently: thread t of
+    # the warp group, register r of k-block kb, byte b -> row 16 (t // 32) + (t % 32) // 4 + 8 (r % 2),
+    # column 32 kb + 16 (r // 2) + 4 (t % 4) + b; INT4 nibble n = 4 (4 kb + r) + b of thread t at
+    # byte 2048 (n // 32) + 16 t + (n % 32) // 2 of the block's k-tile, low nibble first.
+    ints = formats.unpack_int4(w.packed)
+    for blk, kt, t, kb, r, b in ((0, 0, 0, 0, 0, 0), (rows // 64 - 1, G - 1, 127, 3, 3, 3), (0, G // 2, 37, 2, 1, 2)):
+        n = 4 * (4 * kb + r) + b
+        byte = int(frag[blk, kt * 4096 + 2048 * (n // 32) + 16 * t + (n % 32) // 2])
+        nib = (byte >> 4) if n % 2 else (byte & 0xF)
+        row = 64 * blk + 16 * (t // 32) + (t % 32) // 4 + 8 * (r % 2)
+        col = 128 * kt + 32 * kb + 16 * (r // 2) + 4 * (t % 4) + b
+        assert nib - 16 * (nib >= 8) == int(ints[row, col])
+        if outliers:
+            o = int(frag[blk, G * 4096 + 2048 * kb + 16 * t + 4 * r + b])
+            col = 32 * kb + 16 * (r // 2) + 4 * (t % 4) + b
+            want = int(w.outlier[row, col]) if col < outliers else 0
+            assert o - 256 * (o >= 128) == want
+
+
+def test_weight_fragments_need_64_row_blocks():
+    spec = QuantSpec(576, 128, 64)
+    st = staging.stage_operand(formats.quantize_operand(torch.randn(96, 576), spec))
+    assert not staging.fragments_supported(spec, 96)
+    with pytest.raises(FormatError, match="rows % 64"):
+        staging.weight_fragments(st)
