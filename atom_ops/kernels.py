@@ -247,7 +247,7 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
     out = _output(out, m, n, out_dtype, dev)
     if kernel_family(name) == "wgmma":  # Hopper family: staged operands
         with torch.cuda.device(dev):
-            return _launch_staged(name, stage_activation(a), staged_weight(w), code, residual, out)
+            return _launch_staged(name, stage_activation(a), staged_weight(w), code, residual, out, split)
     ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
@@ -309,13 +309,14 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, pro
     check_gpu_args(a, w, residual)
     with torch.cuda.device(dev):
         return _launch_staged(name, sa, staged_weight(w), _DTYPE_CODE[out_dtype], residual,
-                              _output(out, m, n, out_dtype, dev))
+                              _output(out, m, n, out_dtype, dev), split)
 
 
 def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, residual=None, kernel: str = "",
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, split_k: int = 1) -> torch.Tensor:
     """The sm90a wgmma family on already staged operands (atom_ops/staging.py): what a fused
-    quantize kernel feeds directly, and what bench.gemm times as the kernel alone."""
+    quantize kernel feeds directly, and what bench.gemm times as the kernel alone. ``split_k``
+    applies to the kernels built with split-K (``_sk``), else it is 1."""
     ext = extension()
     if ext is None or not sa.values.is_cuda:
         raise FormatError("staged_gemm needs CUDA tensors and the compiled extension")
@@ -323,7 +324,8 @@ def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, re
     m, n, dev = sa.rows, sw.rows, sa.values.device
     code = _DTYPE_CODE[out_dtype]
     try:
-        name, _ = ext.plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, 1, _device_cc(dev.index or 0))
+        name, split = ext.plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, split_k,
+                               _device_cc(dev.index or 0))
     except ValueError as e:
         raise FormatError(str(e)) from None
     if not name or kernel_family(name) != "wgmma":
@@ -335,7 +337,7 @@ def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, re
         raise FormatError(f"staged_gemm: activation spec {sa.spec} does not match weight spec {sw.spec}")
     if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype or not residual.is_contiguous()):
         raise FormatError(f"residual must be a contiguous {out_dtype} [{m}, {n}] tensor")
-    return _launch_staged(name, sa, sw, code, residual, _output(out, m, n, out_dtype, dev))
+    return _launch_staged(name, sa, sw, code, residual, _output(out, m, n, out_dtype, dev), split)
 
 
 def uses_weight_fragments(name: str) -> bool:
@@ -343,14 +345,16 @@ def uses_weight_fragments(name: str) -> bool:
     return "_w4_" in name
 
 
-def _launch_staged(name: str, sa: StagedOperand, sw: StagedOperand, code: int, residual, out: torch.Tensor):
-    """Launch wgmma kernel ``name`` (planned, arguments checked) on the current device's stream."""
+def _launch_staged(name: str, sa: StagedOperand, sw: StagedOperand, code: int, residual, out: torch.Tensor,
+                   split: int = 1):
+    """Launch wgmma kernel ``name`` (planned, arguments checked; ``split``: its split-K factor, 1
+    unless built with split-K) on the current device's stream."""
     spec = sa.spec
     stream = torch.cuda.current_stream(out.device).cuda_stream
     # _w4 kernels read the weights as 4-bit register fragments (made once per staged weight)
     frag4 = staging.weight_fragments(sw).data_ptr() if uses_weight_fragments(name) else 0
     extension().w4a4_gemm(name, 0, 0, 0, 0, 0, 0, out.data_ptr(), residual.data_ptr() if residual is not None else 0,
-                          0, sa.rows, sw.rows, spec.k, spec.group, spec.outliers, code, 1, stream,
+                          0, sa.rows, sw.rows, spec.k, spec.group, spec.outliers, code, split, stream,
                           a_staged=sa.values.data_ptr(), a_staged_scale=sa.scale.data_ptr(),
                           w_staged=sw.values.data_ptr(), w_staged_scale=sw.scale.data_ptr(),
                           k_staged=sw.values.shape[1], w_frag4=frag4)

@@ -16,7 +16,7 @@ wgmma family (staged operands, atom_ops/staging.py) for group 128. "atom" times 
 user calls it (activation staged with torch ops per call, weight staged once); "atom_kernel"
 times the wgmma kernel alone on staged operands. The ratio columns use atom_kernel when present.
 ``--kernels`` also times each named compiled wgmma kernel (``wgmma``: every runnable one with
-fp16 output, e.g. the decode, medium and prefill tiles) alone on the same
+fp16 output, e.g. the decode, medium and prefill tiles; split-K ones at each ``--splits``) alone on the same
 staged operands, one column per kernel plus the fastest one's ratios (``best_*``), in the same
 process as the baselines.
 """
@@ -51,12 +51,13 @@ def kernel_label(name: str) -> str:
     return name.replace("atom_w4a4_wgmma_sm90a_", "").replace("_g128_oany_f16", "")
 
 
-def wgmma_kernels(requested) -> list[str]:
-    """--kernels: 'wgmma' = every runnable compiled wgmma kernel with fp16 output; else names."""
+def wgmma_kernels(requested, splits=(1,)) -> list[str]:
+    """--kernels: 'wgmma' = every runnable compiled wgmma kernel with fp16 output; else names.
+    Kernels built with split-K (_sk) appear once per --splits factor, as "NAME@S"."""
     if requested == ["wgmma"]:
-        return sorted(k["name"] for k in kernels.runnable_kernels()
-                      if k["family"] == "wgmma" and k["out_dtype"] == "f16")
-    return list(requested)
+        requested = sorted(k["name"] for k in kernels.runnable_kernels()
+                           if k["family"] == "wgmma" and k["out_dtype"] == "f16")
+    return [f"{n}@{s}" if "_sk_" in n else n for n in requested for s in (splits if "_sk_" in n else (1,))]
 
 
 def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, group: int, graph: bool = False,
@@ -157,15 +158,18 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
         sa = staging.stage_operand(formats.quantize_operand(x.float(), spec, clip=0.9))
         sw = kernels.staged_weight(formats.quantize_operand(w.float(), spec, clip=0.85))
         y = torch.empty((m, n), device=dev, dtype=torch.float16)
-        for name in kernel_list:
+        for entry in kernel_list:
+            name, _, split = entry.partition("@")
             try:
-                fk = lambda name=name: kernels.staged_gemm(sa, sw, torch.float16, None, name, y)  # noqa: E731
+                fk = lambda name=name, split=int(split or 1): kernels.staged_gemm(  # noqa: E731
+                    sa, sw, torch.float16, None, name, y, split_k=split)
                 fk()
                 r = time_cuda(fk, iters, flush=flush, graph=graph)
                 r["kernel"] = name
-                out[KERNEL_PREFIX + name] = r
+                r["split_k"] = int(split or 1)
+                out[KERNEL_PREFIX + entry] = r
             except (RuntimeError, formats.FormatError) as e:
-                out[KERNEL_PREFIX + name] = {"error": str(e).splitlines()[0][:160]}
+                out[KERNEL_PREFIX + entry] = {"error": str(e).splitlines()[0][:160]}
     return out
 
 
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", default="", help="force one compiled kernel by name (default: dispatch)")
     p.add_argument("--kernels", nargs="+", default=[],
                    help="also time these compiled wgmma kernels alone on staged operands ('wgmma': all runnable, f16)")
+    p.add_argument("--splits", nargs="+", type=int, default=[2, 4],
+                   help="split-K factors for the --kernels built with split-K (_sk)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (no host/launch overhead) instead of eager calls")
     add_run_args(p)
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     flush = L2Flusher()
-    klist = wgmma_kernels(args.kernels) if args.kernels else []
+    klist = wgmma_kernels(args.kernels, args.splits) if args.kernels else []
     if args.kernels and not klist:
         print("bench.gemm --kernels: no runnable compiled wgmma kernel", file=sys.stderr)
         return 2

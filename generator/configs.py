@@ -240,8 +240,8 @@ class KernelConfig:
     def supports(self, k: int, group: int, outliers: int, n: int) -> bool:
         """Whether this kernel runs a layer with these run-time values."""
         if self.family == "wgmma":
-            return (group == WGMMA_GROUP and n % 8 == 0 and outliers <= WGMMA_GROUP and k - outliers > 0
-                    and (k - outliers) % group == 0)
+            return (group == WGMMA_GROUP and n % (self.tile_m if self.weights == "frag4" else 8) == 0
+                    and outliers <= WGMMA_GROUP and k - outliers > 0 and (k - outliers) % group == 0)
         if n % 16 or group % self.tile_k or outliers % (self.tile_k // 2):
             return False
         if self.group is not None and group != self.group:
@@ -333,8 +333,10 @@ def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
         bad(f"the wgmma family needs group={WGMMA_GROUP} (one promotion per 128-column k-tile)")
     if self.outliers is not None:
         bad("the wgmma family takes the outlier count at run time (outliers must be None)")
-    if self.split_k:
-        bad("the wgmma family has no split-K")
+    if self.split_k and (self.weights != "frag4" or self.schedule != "cooperative"):
+        bad("wgmma split-K exists only for the 4-bit weight fragment tiles (weights='frag4') of the "
+            "cooperative schedule (CUTLASS's stream-K scheduler; the mainloop learns its first k-tile "
+            "from the fragments' k-tile records)")
     if self.tile_k != WGMMA_GROUP:
         bad(f"tile_k must be {WGMMA_GROUP} (the blockwise mainloop promotes once per k-tile)")
     if self.tile_m not in (64, 128) or self.tile_n % 16 or not 16 <= self.tile_n <= 256:

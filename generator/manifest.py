@@ -82,6 +82,12 @@ WGMMA_PREFILL = KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=
 # are bound by each CTA's serial k-tile chain, not bytes, and run slower. The medium tile is
 # built by default (tested everywhere, a tuning candidate), the others at level 1.
 WGMMA_MEDIUM_W4 = WGMMA_MEDIUM.replace(weights="frag4")
+# Split-K (run-time factor; CUTLASS's stream-K scheduler in SplitK mode, cooperative schedule):
+# more and shorter k-tile chains for the decode sizes, where the chains, not the bytes, bound them.
+WGMMA_W4_SPLITK = (
+    WGMMA_MEDIUM_W4.replace(split_k=True),
+    WGMMA_MEDIUM_W4.replace(tile_n=32, warp_n=32, split_k=True),
+)
 WGMMA_W4_LEVEL1 = (
     WGMMA_DECODE.replace(weights="frag4"),
     WGMMA_DECODE.replace(tile_n=64, warp_n=64, weights="frag4"),
@@ -217,7 +223,7 @@ def level_configs(level: int) -> list[KernelConfig]:
     """Arch-less (arch='sm80' placeholder) configs of a level, f16 only; callers retarget."""
     if level < 0:
         raise ConfigError(f"--level must be >= 0, got {level}")
-    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_MEDIUM_W4]
+    cfgs = [LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_MEDIUM_W4, *WGMMA_W4_SPLITK]
     if level >= 1:
         cfgs += list(LEVEL1) + list(STREAM_LEVEL1) + list(WGMMA_LEVEL1) + list(WGMMA_W4_LEVEL1)
     if level >= 2:

@@ -15,7 +15,7 @@ from generator import ConfigError, KernelConfig, Manifest, default_manifest, emi
 from generator.cli import main as cli_main
 from generator.configs import ARCHS
 from generator.dispatch import DispatchRule, check_rules, default_dispatch, load_tuning
-from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_MEDIUM_W4, WGMMA_PREFILL, level_configs,
+from generator.manifest import (LARGE, SMALL, STREAM, STREAM_M8, WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_MEDIUM_W4, WGMMA_PREFILL, WGMMA_W4_SPLITK, level_configs,
                                 committed_table_kernels, model_shapes, outliers_for)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_impossible_configs_raise(kw, why):
     ({"group": 64}, "group=128"),
     ({"group": None}, "group=128"),
     ({"outliers": 128}, "outliers must be None"),
-    ({"split_k": True}, "no split-K"),
+    ({"split_k": True}, "split-K exists only for the 4-bit weight fragment tiles"),
     ({"tile_k": 256}, "tile_k must be 128"),
     ({"tile_m": 256}, "tile_m 64 or 128"),
     ({"tile_m": 64, "warp_m": 32}, "cooperative schedule needs tile_m = 128"),
@@ -154,7 +154,7 @@ def test_wgmma_family_names_manifest_and_dispatch(tmp_path):
     fams = sorted(c.family for c in m.configs() if c.name in level0)
     # + the 4-bit weight fragment medium tile; the mma family: multistage fallback for group 64
     # and the stream decode kernels
-    assert fams.count("wgmma") == 4 and fams.count("mma") == 4
+    assert fams.count("wgmma") == 6 and fams.count("mma") == 4
     assert WGMMA_MEDIUM_W4.name == "atom_w4a4_wgmma_sm90a_t128x64x128_w64x64_sauto_swap_ovl_w4_g128_oany_f16"
     assert KernelConfig.from_name(WGMMA_MEDIUM_W4.name) == WGMMA_MEDIUM_W4
     # ... and every kernel the table picks, in both output dtypes: a default build runs its choices
@@ -206,11 +206,11 @@ def test_wgmma_overlap_mainloop_config_naming_and_render(tmp_path):
         WGMMA_PREFILL.replace(promotion="stock").validate()
     with pytest.raises(ConfigError, match="only in the wgmma family"):
         LARGE.replace(promotion="overlap").validate()
-    # Level 0: the three dispatch tiles and the _w4 medium tile (both dtypes); level 1 adds no-cluster,
-    # ping-pong, 16-token and the other _w4 tiles.
+    # Level 0: the three dispatch tiles, the _w4 medium tile and the two _w4 split-K tiles (both
+    # dtypes); level 1 adds no-cluster, ping-pong, 16-token and the other _w4 tiles.
     lv0 = [c for c in level_configs(0) if c.family == "wgmma"]
     lv1 = [c for c in level_configs(1) if c.family == "wgmma"]
-    assert lv0 == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_MEDIUM_W4] and len(lv1) == 9
+    assert lv0 == [WGMMA_DECODE, WGMMA_MEDIUM, WGMMA_PREFILL, WGMMA_MEDIUM_W4, *WGMMA_W4_SPLITK] and len(lv1) == 11
     assert [r.kernel.promotion for r in default_dispatch("sm90a").rules] == ["stock"] * 2 + ["overlap"] * 3
     m = default_manifest(["sm90a"])
     assert {ovl.name, ovl.replace(out_dtype="bf16").name} <= set(m.names())
@@ -483,7 +483,7 @@ def test_int8_family_names_manifest_and_emit(tmp_path):
 def test_weight_fragment_configs():
     # _w4 = 4-bit weight fragments (RS wgmma): wgmma swap-AB tiles without cluster only
     from generator.manifest import WGMMA_W4_LEVEL1
-    for cfg in (WGMMA_MEDIUM_W4, *WGMMA_W4_LEVEL1):
+    for cfg in (WGMMA_MEDIUM_W4, *WGMMA_W4_SPLITK, *WGMMA_W4_LEVEL1):
         cfg.validate()
         assert "_ovl_w4_" in cfg.name and KernelConfig.from_name(cfg.name) == cfg
     with pytest.raises(ConfigError, match="need swap_ab"):
@@ -492,3 +492,9 @@ def test_weight_fragment_configs():
         WGMMA_MEDIUM_W4.replace(cluster=(1, 2, 1)).validate()
     with pytest.raises(ConfigError, match="only in the wgmma family"):
         SMALL.replace(weights="frag4").validate()
+    # split-K: the _w4 cooperative tiles only (stream-K scheduler; k-tile records)
+    assert all(c.split_k and c.name.endswith("_ovl_w4_sk_g128_oany_f16") for c in WGMMA_W4_SPLITK)
+    with pytest.raises(ConfigError, match="wgmma split-K exists only"):
+        WGMMA_MEDIUM.replace(split_k=True).validate()
+    with pytest.raises(ConfigError, match="wgmma split-K exists only"):
+        WGMMA_DECODE.replace(weights="frag4", split_k=True).validate()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from generator.configs import ConfigError, KernelConfig
+from generator.configs import WGMMA_GROUP, ConfigError, KernelConfig
 from generator.dispatch import default_dispatch
 from generator.manifest import DEFAULT_OUTLIERS, default_manifest, outliers_for
 
@@ -110,9 +110,12 @@ def build_spaces(arch: str, n: int, k: int, compiled: set[str], group: int = DEF
         if runs_shape(c, n, k, groups):
             by_family.setdefault(c.family, []).append(name)
     n_groups = (k - outliers) // group
-    factors = tuple(s for s in SPLIT_K_FACTORS if s <= n_groups)
+    # mma: one split per group at most; wgmma (_w4 split-K): every split keeps >= 2 staged k-tiles
+    k_tiles = n_groups + -(-outliers // WGMMA_GROUP)
+    limit = {"mma": n_groups, "wgmma": k_tiles // 2}
     return [ShapeSpace(arch, fam, n, k, group, outliers, tuple(names),
-                       tuple(x for x in names if x in compiled), factors)
+                       tuple(x for x in names if x in compiled),
+                       tuple(s for s in SPLIT_K_FACTORS if s <= limit.get(fam, n_groups)))
             for fam, names in sorted(by_family.items())]
 
 
