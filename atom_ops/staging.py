@@ -39,6 +39,7 @@ the G INT4 k-tiles (4096 bytes each), then the P outlier k-tiles (8192 bytes eac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,7 @@ FRAG_INT4_BYTES = 4096     # one INT4 k-tile of a block: 64 x 128 nibbles
 FRAG_OUTLIER_BYTES = 8192  # one outlier k-tile of a block: 64 x 128 int8
 
 
+@functools.cache
 def _fragment_coords(n_values: int, values_per_byte: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) inside a 64 x 128 k-tile of each value slot of the fragment layout (module
     docstring), slots in memory order (nibble slot = 2 * byte + high nibble)."""
@@ -120,6 +122,12 @@ def _fragment_coords(n_values: int, values_per_byte: int) -> tuple[torch.Tensor,
     w, lane = t // 32, t % 32
     g, c = lane // 4, lane % 4
     return 16 * w + g + 8 * (r % 2), 32 * kb + 16 * (r // 2) + 4 * c + b
+
+
+def max_split_k(spec: QuantSpec) -> int:
+    """Largest split-K factor of the wgmma split-K kernels (_w4_sk): every split keeps >= 2
+    staged k-tiles, so its first one is an INT4 k-tile whose record the mainloop reads."""
+    return staged_blocks(spec) // 2
 
 
 def fragments_supported(spec: QuantSpec, rows: int) -> bool:

@@ -354,6 +354,10 @@ def _check_wgmma(self: KernelConfig, info: ArchInfo, bad) -> None:
     if self.weights == "frag4" and (not self.swap_ab or self.cluster != (1, 1, 1)):
         bad("4-bit weight fragments (weights='frag4') need swap_ab (weights = wgmma's register "
             "operand A) and no cluster")
+    if self.weights == "frag4" and (self.warp_m != 64 or not 32 <= self.tile_n <= 64):
+        bad("4-bit weight fragments: one 64-row block per warp group (warp_m 64) and 32..64 tokens "
+            "(below 32 CUTLASS loads the scales by TMA, which the fragment producer does not issue; "
+            "above 64 the two fragment sets spill)")
     if self.cluster[2] != 1 or self.cluster[0] * self.cluster[1] > 2:
         bad(f"cluster {self.cluster}: at most 2 CTAs, cluster_k = 1")
     if self.smem_bytes > info.smem_bytes:

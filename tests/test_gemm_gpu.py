@@ -111,7 +111,7 @@ def test_every_kernel_random_shapes():
             if kernels.uses_weight_fragments(k["name"]) and n % k["tile_m"]:
                 continue  # 64-row fragment blocks per tile (test_weight_fragment_kernels runs them more)
             # mma: any split; wgmma (_w4 split-K): every split keeps >= 2 staged k-tiles
-            choices = [2, 3, 4, 7, 64] if k["family"] == "mma" else list(range(2, staging.staged_blocks(spec) // 2 + 1))
+            choices = [2, 3, 4, 7, 64] if k["family"] == "mma" else list(range(2, staging.max_split_k(spec) + 1))
             splits = [1] + ([random.Random(i).choice(choices)] if k["split_k"] and choices else [])
             runs += [(k["name"], k["name"], s) for s in splits]
         for label, name, split in runs:
@@ -161,10 +161,10 @@ def test_weight_fragment_kernels():
         a, w, res = make_operands(m, n, spec, dtype, residual, seed=300 + i)
         ref = formats.w4a4_matmul_reference(a, w, dtype, res)
         want = "f16" if dtype == torch.float16 else "bf16"
-        k_tiles = staging.staged_blocks(spec)
         for k in (k for k in w4 if k["out_dtype"] == want):
             # split-K kernels: split 1 and one more (every split >= 2 k-tiles); other summation order
-            splits = [1] + ([random.Random(i).randint(2, max(2, k_tiles // 2))] if k["split_k"] and k_tiles >= 4 else [])
+            top = staging.max_split_k(spec)
+            splits = [1] + ([random.Random(i).randint(2, top)] if k["split_k"] and top >= 2 else [])
             for split in splits:
                 out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                 got = kernels.w4a4_gemm(a, w, dtype, res, kernel=k["name"], split_k=split, out=out)
@@ -182,6 +182,13 @@ def test_weight_fragment_kernels():
     for name in tile128:
         with pytest.raises(formats.FormatError, match="multiple of 128"):
             kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name)
+    # split-K above half the k-tiles: refused with the reason (576 + 64 outliers: 5 k-tiles, at most 2)
+    a, w, _ = make_operands(5, 256, QuantSpec(576, 128, 64), torch.float16, False)
+    for name in (k["name"] for k in w4 if k["split_k"] and k["out_dtype"] == "f16"):
+        with pytest.raises(formats.FormatError, match="at most half the k-tiles"):
+            kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=3)
+        assert torch.equal(kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2).float(),
+                           kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2).float())  # deterministic
 
 
 # Prefill sizes for the wgmma family (test_every_kernel_random_shapes stops at M = 513): many
@@ -341,7 +348,7 @@ def sanitize_main() -> int:
                 continue
             if only not in k["name"] or (kernels.uses_weight_fragments(k["name"]) and n % k["tile_m"]):
                 continue
-            top = 3 if k["family"] == "mma" else min(3, staging.staged_blocks(spec) // 2)  # wgmma: >= 2 k-tiles a split
+            top = 3 if k["family"] == "mma" else min(3, staging.max_split_k(spec))
             for split in ([1, top] if k["split_k"] and top > 1 else [1]):
                 out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                 kernels.w4a4_gemm(a, w, dtype, res, kernel=k["name"], split_k=split, out=out)

@@ -74,19 +74,23 @@ def test_weight_fragments_hold_the_staged_weight(rows, k, outliers):
     # the warp group, register r of k-block kb, byte b -> row 16 (t // 32) + (t % 32) // 4 + 8 (r % 2),
     # column 32 kb + 16 (r // 2) + 4 (t % 4) + b; INT4 nibble n = 4 (4 kb + r) + b of thread t at
     # byte 2048 (n // 32) + 16 t + (n % 32) // 2 of the block's k-tile, low nibble first.
-    ints = formats.unpack_int4(w.packed)
-    for blk, kt, t, kb, r, b in ((0, 0, 0, 0, 0, 0), (rows // 64 - 1, G - 1, 127, 3, 3, 3), (0, G // 2, 37, 2, 1, 2)):
-        n = 4 * (4 * kb + r) + b
-        byte = int(frag[blk, kt * 4096 + 2048 * (n // 32) + 16 * t + (n % 32) // 2])
-        nib = (byte >> 4) if n % 2 else (byte & 0xF)
-        row = 64 * blk + 16 * (t // 32) + (t % 32) // 4 + 8 * (r % 2)
-        col = 128 * kt + 32 * kb + 16 * (r // 2) + 4 * (t % 4) + b
-        assert nib - 16 * (nib >= 8) == int(ints[row, col])
-        if outliers:
-            o = int(frag[blk, G * 4096 + 2048 * kb + 16 * t + 4 * r + b])
-            col = 32 * kb + 16 * (r // 2) + 4 * (t % 4) + b
-            want = int(w.outlier[row, col]) if col < outliers else 0
-            assert o - 256 * (o >= 128) == want
+    # Every slot, written out with its own index arithmetic (not staging's): [blk, kt, t, kb, r, b].
+    ints = formats.unpack_int4(w.packed).to(torch.int64)
+    blk, kt, t, kb, r, b = torch.meshgrid(torch.arange(rows // 64), torch.arange(G), torch.arange(128),
+                                          torch.arange(4), torch.arange(4), torch.arange(4), indexing="ij")
+    n = 4 * (4 * kb + r) + b
+    byte = frag[blk, kt * 4096 + 2048 * (n // 32) + 16 * t + (n % 32) // 2].to(torch.int64)
+    nib = torch.where(n % 2 == 1, byte >> 4, byte & 0xF)
+    row = 64 * blk + 16 * (t // 32) + (t % 32) // 4 + 8 * (r % 2)
+    col = 32 * kb + 16 * (r // 2) + 4 * (t % 4) + b
+    assert torch.equal(nib - 16 * (nib >= 8).long(), ints[row, 128 * kt + col])
+    if outliers:
+        o = frag[blk[:, :P], G * 4096 + kt[:, :P] * 8192 + 2048 * kb[:, :P] + 16 * t[:, :P] + 4 * r[:, :P]
+                 + b[:, :P]].to(torch.int64)
+        c = col[:, :P]
+        padded = torch.nn.functional.pad(w.outlier, (0, P * 128 - outliers)).to(torch.int64)
+        want = padded[row[:, :P], 128 * kt[:, :P] + c]  # (G >= P in these cases: kt's first P values)
+        assert torch.equal(o - 256 * (o >= 128).long(), want)
 
 
 def test_weight_fragments_need_64_row_blocks():

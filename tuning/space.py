@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from atom_ops.formats import QuantSpec
+from atom_ops.staging import max_split_k
 from generator.configs import WGMMA_GROUP, ConfigError, KernelConfig
 from generator.dispatch import default_dispatch
 from generator.manifest import DEFAULT_OUTLIERS, default_manifest, outliers_for
@@ -110,9 +112,9 @@ def build_spaces(arch: str, n: int, k: int, compiled: set[str], group: int = DEF
         if runs_shape(c, n, k, groups):
             by_family.setdefault(c.family, []).append(name)
     n_groups = (k - outliers) // group
-    # mma: one split per group at most; wgmma (_w4 split-K): every split keeps >= 2 staged k-tiles
-    k_tiles = n_groups + -(-outliers // WGMMA_GROUP)
-    limit = {"mma": n_groups, "wgmma": k_tiles // 2}
+    # mma: one split per group at most; wgmma (_w4 split-K): staging.max_split_k
+    wgmma_limit = max_split_k(QuantSpec(k, group, outliers)) if group == WGMMA_GROUP else 0
+    limit = {"mma": n_groups, "wgmma": wgmma_limit}
     return [ShapeSpace(arch, fam, n, k, group, outliers, tuple(names),
                        tuple(x for x in names if x in compiled),
                        tuple(s for s in SPLIT_K_FACTORS if s <= limit.get(fam, n_groups)))
