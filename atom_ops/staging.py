@@ -107,10 +107,11 @@ FRAG_OUTLIER_BYTES = 8192  # one outlier k-tile of a block: 64 x 128 int8
 
 
 @functools.cache
-def _fragment_coords(n_values: int, values_per_byte: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fragment_coords(values_per_byte: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) inside a 64 x 128 k-tile of each value slot of the fragment layout (module
-    docstring), slots in memory order (nibble slot = 2 * byte + high nibble)."""
-    slot = torch.arange(n_values)
+    docstring), slots in memory order (nibble slot = 2 * byte + high nibble); 2 values per byte
+    for the INT4 k-tiles, 1 for the outlier ones. Made once per device."""
+    slot = torch.arange(FRAG_ROWS * BLOCK)
     byte = slot // values_per_byte
     t = (byte % 2048) // 16
     if values_per_byte == 2:   # INT4: thread nibble n from byte 2048 h + 16 t + o, nibble slot % 2
@@ -121,7 +122,7 @@ def _fragment_coords(n_values: int, values_per_byte: int) -> tuple[torch.Tensor,
         kb, r, b = byte // 2048, (byte % 16) // 4, byte % 4
     w, lane = t // 32, t % 32
     g, c = lane // 4, lane % 4
-    return 16 * w + g + 8 * (r % 2), 32 * kb + 16 * (r // 2) + 4 * c + b
+    return (16 * w + g + 8 * (r % 2)).to(device), (32 * kb + 16 * (r // 2) + 4 * c + b).to(device)
 
 
 def max_split_k(spec: QuantSpec) -> int:
@@ -146,12 +147,12 @@ def weight_fragments(st: StagedOperand) -> torch.Tensor:
     G, P, dev = spec.normal_groups, outlier_blocks(spec), st.values.device
     blocks = rows // FRAG_ROWS
     tiles = st.values.view(blocks, FRAG_ROWS, G + P, BLOCK).permute(0, 2, 1, 3)  # [blocks, k-tile, 64, 128]
-    row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 2))
+    row, col = _fragment_coords(2, dev)
     ints = tiles[:, :G].contiguous().view(FP8).to(torch.int16)[:, :, row, col]  # [blocks, G, 8192] nibble slots
     nib = (ints & 0xF).to(torch.uint8)
     parts = [(nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(blocks, G * FRAG_INT4_BYTES)]
     if P:
-        row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 1))
+        row, col = _fragment_coords(1, dev)
         parts.append(tiles[:, G:][:, :, row, col].reshape(blocks, P * FRAG_OUTLIER_BYTES))
     st.frag4 = torch.cat(parts, dim=1).contiguous()
     return st.frag4
@@ -162,13 +163,13 @@ def fragments_to_values(frag4: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     G, P = spec.normal_groups, outlier_blocks(spec)
     blocks, dev = frag4.shape[0], frag4.device
     tiles = torch.empty((blocks, G + P, FRAG_ROWS, BLOCK), dtype=torch.uint8, device=dev)
-    row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 2))
+    row, col = _fragment_coords(2, dev)
     packed = frag4[:, : G * FRAG_INT4_BYTES].view(blocks, G, FRAG_INT4_BYTES)
     nib = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(blocks, G, -1).to(torch.int16)
     vals = torch.where(nib >= 8, nib - 16, nib).to(torch.float16).to(FP8).view(torch.uint8)
     tiles[:, :G, row, col] = vals
     if P:
-        row, col = (x.to(dev) for x in _fragment_coords(FRAG_ROWS * BLOCK, 1))
+        row, col = _fragment_coords(1, dev)
         tiles[:, G:, row, col] = frag4[:, G * FRAG_INT4_BYTES :].view(blocks, P, FRAG_OUTLIER_BYTES)
     return tiles.permute(0, 2, 1, 3).reshape(blocks * FRAG_ROWS, (G + P) * BLOCK).contiguous()
 

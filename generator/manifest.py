@@ -79,8 +79,9 @@ WGMMA_PREFILL = KernelConfig("wgmma", "sm90a", 128, 128, 128, 64, 128, 0, group=
 # atom_ops.staging.weight_fragments, register-operand wgmma): half the weight bytes, the same bits.
 # Measured (bench/results/gemm_h100_w4.txt): faster than the byte-staged tiles only where the
 # weight stream dominates (gate_up, 12288-row qkv at M = 16..64: 1.05-1.2x); the 4096-row layers
-# are bound by each CTA's serial k-tile chain, not bytes, and run slower. The medium tile is
-# built by default (tested everywhere, a tuning candidate), the others at level 1.
+# are bound by each CTA's serial k-tile chain, not bytes, and run slower. The medium tile and
+# its split-K variants are built by default (tested everywhere, tuning candidates), the others at
+# level 1.
 WGMMA_MEDIUM_W4 = WGMMA_MEDIUM.replace(weights="frag4")
 # Split-K (run-time factor; CUTLASS's stream-K scheduler in SplitK mode, cooperative schedule):
 # more and shorter k-tile chains for the decode sizes, where the chains, not the bytes, bound them.
