@@ -189,6 +189,20 @@ def test_weight_fragment_kernels():
             kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=3)
         assert torch.equal(kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2).float(),
                            kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2).float())  # deterministic
+        # CUDA-graph capture after an eager warm-up (torch.cuda.graph captures on its own stream:
+        # the split-K workspace must already exist for it) and replay with new inputs.
+        out = torch.empty((5, 256), dtype=torch.float16, device="cuda")
+        kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2, out=out)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2, out=out)
+        a2 = make_operands(5, 256, QuantSpec(576, 128, 64), torch.float16, False, seed=9)[0]
+        for t, t2 in ((a.packed, a2.packed), (a.outlier, a2.outlier), (a.scale, a2.scale)):
+            t.copy_(t2)
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name, split_k=2))
 
 
 # Prefill sizes for the wgmma family (test_every_kernel_random_shapes stops at M = 513): many
