@@ -82,11 +82,17 @@ def runnable_kernels(device=None) -> list[dict]:
 
 
 @functools.cache
-def kernel_family(name: str) -> str:
+def kernel_info(name: str) -> dict:
+    """The registry's metadata of compiled kernel ``name`` (family, arch, tiles, split_k,
+    weight_fragments, ...): what callers ask instead of reading the name."""
     for k in kernels_info():
         if k["name"] == name:
-            return k["family"]
+            return k
     raise FormatError(f"no compiled kernel named {name!r}")
+
+
+def kernel_family(name: str) -> str:
+    return kernel_info(name)["family"]
 
 
 # Staged weights of the sm90a wgmma family, made once per weight tensor (atom_ops/staging.py)
@@ -341,8 +347,8 @@ def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, re
 
 
 def uses_weight_fragments(name: str) -> bool:
-    """Whether wgmma kernel ``name`` reads staging.weight_fragments (config weights="frag4", _w4)."""
-    return "_w4_" in name
+    """Whether compiled kernel ``name`` reads staging.weight_fragments (config weights="frag4", _w4)."""
+    return kernel_info(name)["weight_fragments"]
 
 
 def _launch_staged(name: str, sa: StagedOperand, sw: StagedOperand, code: int, residual, out: torch.Tensor,

@@ -57,7 +57,14 @@ def wgmma_kernels(requested, splits=(1,)) -> list[str]:
     if requested == ["wgmma"]:
         requested = sorted(k["name"] for k in kernels.runnable_kernels()
                            if k["family"] == "wgmma" and k["out_dtype"] == "f16")
-    return [f"{n}@{s}" if "_sk_" in n else n for n in requested for s in (splits if "_sk_" in n else (1,))]
+    def built_with_split_k(name: str) -> bool:
+        try:
+            return kernels.kernel_info(name)["split_k"]
+        except formats.FormatError:  # not compiled: its column reports that
+            return False
+
+    return [f"{n}@{s}" if built_with_split_k(n) else n for n in requested
+            for s in (splits if built_with_split_k(n) else (1,))]
 
 
 def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, group: int, graph: bool = False,

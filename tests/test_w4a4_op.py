@@ -8,6 +8,7 @@ import torch
 import atom_ops
 from atom_ops import formats, kernels
 from atom_ops.formats import FormatError, QuantSpec
+from generator.configs import KernelConfig
 
 
 def operands(m=5, n=32, spec=QuantSpec(576, 128, 64), seed=0):
@@ -98,6 +99,12 @@ def test_extension_lists_and_plans():
     assert names and len(names) == len(set(names))
     info = ext.kernels()
     assert {k["name"] for k in info} == set(names)
+    for k in info:  # the registry's metadata is the config's (callers read it, not the name)
+        cfg = KernelConfig.from_name(k["name"])
+        assert (k["family"], k["split_k"], k["weight_fragments"]) == (cfg.family, cfg.split_k, cfg.weights == "frag4")
+        assert kernels.kernel_info(k["name"]) == k and kernels.uses_weight_fragments(k["name"]) == k["weight_fragments"]
+    with pytest.raises(FormatError, match="no compiled kernel named"):
+        kernels.kernel_info("atom_w4a4_nope")
     cc = 80 if any(k["arch"] == "sm80" for k in info) else info[0]["min_cc"]
     name, split = ext.plan("", 1, 4096, 4096, 128, 128, 0, 0, cc)
     assert name in names and split >= 1
