@@ -57,14 +57,14 @@ def wgmma_kernels(requested, splits=(1,)) -> list[str]:
     if requested == ["wgmma"]:
         requested = sorted(k["name"] for k in kernels.runnable_kernels()
                            if k["family"] == "wgmma" and k["out_dtype"] == "f16")
-    def built_with_split_k(name: str) -> bool:
+    entries = []
+    for name in requested:
         try:
-            return kernels.kernel_info(name)["split_k"]
+            split_k = kernels.kernel_info(name)["split_k"]
         except formats.FormatError:  # not compiled: its column reports that
-            return False
-
-    return [f"{n}@{s}" if built_with_split_k(n) else n for n in requested
-            for s in (splits if built_with_split_k(n) else (1,))]
+            split_k = False
+        entries += [f"{name}@{s}" for s in splits] if split_k else [name]
+    return entries
 
 
 def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, group: int, graph: bool = False,
