@@ -6,12 +6,14 @@ engine; `gpu` tests for the three modes, CUDA graphs and overlapped graph decode
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
 
 from models.config import LlamaConfig
 from models.engine import Engine, EngineConfig, RequestError, SamplingParams
+from models.engine.cuda_graphs import collector_held_off
 from models.engine.kv_cache import NULL_PAGE, pages_for
 from models.engine.scheduler import Sequence
 from models.engine.text import TextStream, render_chat
@@ -615,6 +617,26 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
 
 # ------------------------------------------------------------------------------------- GPU
 
+def test_collector_held_off_restores_the_collector():
+    """Automatic collection is off inside (the CUDA-graph capture), back on after, also when the block
+    raises; a collector the caller had turned off stays off."""
+    assert gc.isenabled()
+    with collector_held_off():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="capture failed"):
+        with collector_held_off():
+            raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_held_off():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -653,6 +675,26 @@ def test_gpu_overlapped_graph_decode_matches_the_synchronous_graphs(tiny_config,
     over = overlap_scenario(model, config)
     assert over.stats["overlapped_steps"] > 0 and over.stats["discarded_rows"] > 0
     assert Engine(model, config).overlap  # on by default with graphs
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_graph_capture_runs_with_the_collector_off(tiny_config, monkeypatch):
+    """A collection mid-capture that frees a dead engine's graphs invalidates the capture (seen:
+    cudaErrorStreamCaptureInvalidated after `reset` warnings): every warm-up and captured forward of
+    DecodeGraphs.capture runs with automatic collection off, and it is back on after."""
+    from models.engine.runner import ModelRunner
+
+    model = _to_cuda_half(random_model(tiny_config))
+    collector_on, forward = [], ModelRunner.forward
+
+    def recording_forward(self, *args):
+        collector_on.append(gc.isenabled())
+        return forward(self, *args)
+
+    monkeypatch.setattr(ModelRunner, "forward", recording_forward)
+    Engine(model, EngineConfig(max_batch=4, max_context=64, cuda_graphs=True, graph_buckets=(1, 2, 4)))
+    assert collector_on == [False] * 9 and gc.isenabled()  # 3 buckets x (2 warm-ups + the capture)
 
 
 @pytest.mark.gpu

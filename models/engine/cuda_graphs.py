@@ -11,6 +11,8 @@ previous step's argmax on the device: one gather between the copy and the replay
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,23 @@ def check_graphable(runner: ModelRunner) -> None:
         raise ValueError("CUDA-graph decode does not support rope_scaling type 'dynamic'")
 
 
+@contextmanager
+def collector_held_off():
+    """Collect once, then keep Python's automatic garbage collection off until the block ends.
+    Why: a collection that runs mid-capture may free a dead engine's graphs (held in a reference
+    cycle), and their reset is an operation a capturing stream does not permit: it invalidates the
+    capture (cudaErrorStreamCaptureInvalidated). Seen on the H100 when test_rope ran before
+    test_engine: allocation counts moved a collection into the kv4 capture."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass
 class BucketGraph:
     """One bucket's captured decode step and the buffers a replay refills."""
@@ -71,28 +90,33 @@ class DecodeGraphs:
     @torch.no_grad()
     def capture(self) -> None:
         """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
-        for rows in sorted(self.buckets, reverse=True):
-            r = self.runner
-            # One flat buffer for all inputs (ModelRunner.decode_host's layout): a step refills it
-            # with one host-to-device copy from a pinned twin.
-            width = r.max_pages_per_seq
-            flat = torch.zeros(rows * (width + 5), dtype=torch.int64, device=r.device)
-            ids, positions, tables, lens, slots, src = r.split_decode_inputs(flat, rows, width)
-            lens.fill_(1)
-            pinned = torch.full(flat.shape, NULL_PAGE, dtype=torch.int64, pin_memory=True)
-            written = [None] * rows  # decode_host's record of pinned's table rows: all null
-            batch = PagedBatch(r.pages, tables, lens, slots)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (lazy inits, autotuning) off the capture
-                for _ in range(2):
-                    r.forward(ids, positions, batch)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = r.forward(ids, positions, batch)
-            self.pool = graph.pool()
-            self.graphs[rows] = BucketGraph(graph, pinned, written, torch.cuda.Event(), flat, ids, src, logits)
+        with collector_held_off():
+            for rows in sorted(self.buckets, reverse=True):
+                self._capture_bucket(rows)
+
+    def _capture_bucket(self, rows: int) -> None:
+        """Static input buffers for `rows`, a warm-up, the capture (self.graphs[rows])."""
+        r = self.runner
+        # One flat buffer for all inputs (ModelRunner.decode_host's layout): a step refills it
+        # with one host-to-device copy from a pinned twin.
+        width = r.max_pages_per_seq
+        flat = torch.zeros(rows * (width + 5), dtype=torch.int64, device=r.device)
+        ids, positions, tables, lens, slots, src = r.split_decode_inputs(flat, rows, width)
+        lens.fill_(1)
+        pinned = torch.full(flat.shape, NULL_PAGE, dtype=torch.int64, pin_memory=True)
+        written = [None] * rows  # decode_host's record of pinned's table rows: all null
+        batch = PagedBatch(r.pages, tables, lens, slots)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (lazy inits, autotuning) off the capture
+            for _ in range(2):
+                r.forward(ids, positions, batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = r.forward(ids, positions, batch)
+        self.pool = graph.pool()
+        self.graphs[rows] = BucketGraph(graph, pinned, written, torch.cuda.Event(), flat, ids, src, logits)
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence], feed: DeviceFeed | None = None) -> Tensor:
