@@ -79,6 +79,7 @@ from torch import Tensor
 
 from . import formats
 from .formats import FormatError
+from .rope import rotate_half
 
 Pool = tuple[Tensor, Tensor, Tensor]  # (packed, scale, zero) of one layer
 
@@ -99,9 +100,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [N, H, D], cos/sin [N, D]: HF's RoPE x * cos + rotate_half(x) * sin, each op in x's dtype."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * c + torch.cat((-x2, x1), dim=-1) * s
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
 def pool_group(pool: Pool) -> int:

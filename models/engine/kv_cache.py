@@ -31,6 +31,8 @@ from torch import Tensor
 from atom_ops import attention as attention_ops
 from atom_ops import formats
 
+from ..llama import apply_rope
+
 NULL_PAGE = 0
 
 
@@ -93,8 +95,8 @@ class FloatPages:
               sin: Tensor | None = None) -> None:
         """k, v [N, kv_heads, head_dim] into flat slots [N]; with cos/sin [N, head_dim], k is taken
         before RoPE and rotated here."""
-        if cos is not None:
-            k = attention_ops.rope_reference(k, cos, sin)
+        if cos is not None:  # as [1, kv_heads, N, head_dim] for apply_rope (one kernel on a GPU)
+            k = apply_rope(k.transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1)
         for pool, x in ((self.k, k), (self.v, v)):
             pool[layer].view(-1, *pool.shape[3:]).index_copy_(0, slots, x.to(pool.dtype))
 
