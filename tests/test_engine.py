@@ -72,6 +72,47 @@ def test_paged_attention_matches_plain_forward(tiny_config, kv_format):
     check_runner_matches_plain(model, engine, seqs, ([5, 3, 3], [6]), steps=6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_packed_prefill_attends_equal_chunks_together(tiny_config, kv_format, monkeypatch):
+    """Consecutive chunks of one length and context (fresh prompts: causal; chunks over equal cached
+    prefixes: masked) take one attention call per run of them, with the logits of one call per chunk."""
+    import models.engine.attention as attention
+
+    model = random_model(tiny_config, kv_format)
+    ps = prompts(tiny_config.vocab_size, (6, 6, 9, 6))
+    chunks = ([3, 3], [3, 3], [5, 4], [6])
+    batch_rows, paged_attention = [], attention.paged_attention
+
+    def counting_attention(q, *args):
+        batch_rows.append(q.shape[0])
+        return paged_attention(q, *args)
+
+    def prefill_rounds():
+        engine = Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=4))
+        seqs = [Sequence(f"s{i}", p, SamplingParams(), 32, None) for i, p in enumerate(ps)]
+        for seq in seqs:
+            seq.pages = engine.allocator.allocate(pages_for(seq.num_tokens, 4))
+        rounds = []
+        for r in range(2):
+            step = [(seqs[i], c[r]) for i, c in enumerate(chunks) if r < len(c)]
+            rounds.append(engine.runner.prefill(step))
+            for seq, n in step:
+                seq.num_cached += n
+        return rounds
+
+    monkeypatch.setattr(attention, "paged_attention", counting_attention)
+    grouped = prefill_rounds()
+    # round 0: (n, context) = (3, 3) (3, 3) | (5, 5) | (6, 6); round 1: (3, 6) (3, 6) | (4, 9)
+    layers = tiny_config.num_hidden_layers
+    assert batch_rows == [2, 1, 1] * layers + [2, 1] * layers
+    batch_rows.clear()
+    monkeypatch.setattr(attention, "equal_segment_runs",
+                        lambda segments: [(row, 1, n, context) for row, (n, context) in enumerate(segments)])
+    one_per_chunk = prefill_rounds()
+    assert batch_rows == [1, 1, 1, 1] * layers + [1, 1, 1] * layers
+    assert all(torch.equal(got, want) for got, want in zip(grouped, one_per_chunk))
+
+
 def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: float) -> None:
     """Prefill each sequence in its `chunks` over the paged cache (the r-th chunks of all sequences packed
     into one prefill forward: a chunk with and one without a cached prefix), then `steps` decode steps of all of
@@ -106,6 +147,22 @@ def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: fl
         for seq, row, ref in zip(seqs, logits, refs):
             seq.num_cached += 1
             close(row, ref)
+
+
+def test_prefill_host_layout(tiny_config):
+    """prefill_host's flat array, through split_prefill_inputs: the chunks' tokens, positions and
+    cache slots packed in order, null-padded block tables, context lengths, each chunk's last row."""
+    engine = Engine(random_model(tiny_config), EngineConfig(page_size=4, max_context=64, max_batch=4))
+    a = Sequence("a", list(range(10, 20)), SamplingParams(), 32, None)  # 10 tokens, 6 cached: chunk of 3
+    b = Sequence("b", [5, 6], SamplingParams(), 32, None)               # 2 tokens, none cached
+    a.pages, b.pages, a.num_cached = [7, 3, 9], [2], 6
+    host, segments = engine.runner.prefill_host([(a, 3), (b, 2)])
+    ids, positions, slots, tables, lens, last = engine.runner.split_prefill_inputs(host, 5, 2, 3)
+    assert segments == ((3, 9), (2, 2))
+    assert ids.tolist() == [16, 17, 18, 5, 6] and positions.tolist() == [6, 7, 8, 0, 1]
+    assert slots.tolist() == [3 * 4 + 2, 3 * 4 + 3, 9 * 4 + 0, 2 * 4 + 0, 2 * 4 + 1]
+    assert tables.tolist() == [[7, 3, 9], [2, NULL_PAGE, NULL_PAGE]]
+    assert lens.tolist() == [9, 2] and last.tolist() == [2, 4] and len(host) == 3 * 5 + 2 * 3 + 2 * 2
 
 
 def test_decode_host_row_cache_matches_a_fresh_build(tiny_config):

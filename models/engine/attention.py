@@ -15,7 +15,9 @@ New k, v are stored before attending (RoPE applied to k on the way in, fused int
 kernel on a GPU).
 
 Prefill packs several sequences' chunks into one row of tokens (PagedBatch.segments); attention
-takes them one sequence at a time, and a chunk that starts its sequence (no cached prefix) runs
+takes them a run of equal-shaped sequences at a time (consecutive chunks with the same length and
+context: one gather and one SDPA call for all of them, which matters because the host launches a
+prefill step's attention per call), and a chunk that starts its sequence (no cached prefix) runs
 SDPA with is_causal over exactly its tokens (the flash kernels) instead of an explicit mask.
 """
 
@@ -71,14 +73,29 @@ class LayerKV:
                       v.transpose(1, 2).reshape(B * T, Hkv, D), cos.reshape(B * T, D), sin.reshape(B * T, D))
         if b.segments is None:
             return paged_attention(q, b.pages, self.index, b.block_tables, b.context_lens)
-        outs, start = [], 0
-        for row, (n, context) in enumerate(b.segments):
-            tables = b.block_tables[row:row + 1, :pages_for(context, b.pages.page_size)]
-            outs.append(paged_attention(q[:, :, start:start + n], b.pages, self.index, tables,
-                                        b.context_lens[row:row + 1], context))
-            start += n
+        outs, start, Hq = [], 0, q.shape[1]
+        for row, rows, n, context in equal_segment_runs(b.segments):
+            # `rows` consecutive sequences with the same (n, context): one attention call of batch `rows`
+            # (a step of equal-length prompts: one gather and one SDPA per layer, not one per prompt)
+            tables = b.block_tables[row:row + rows, :pages_for(context, b.pages.page_size)]
+            qs = q[0, :, start:start + rows * n].unflatten(1, (rows, n)).transpose(0, 1)  # [rows, Hq, n, D]
+            out = paged_attention(qs, b.pages, self.index, tables, b.context_lens[row:row + rows], context)
+            outs.append(out.transpose(1, 2).reshape(1, rows * n, Hq, D))
+            start += rows * n
         # concatenated as [B, T, Hq, D] so that the caller's transpose + reshape to [B * T, Hq * D] is a view
-        return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
+        return torch.cat(outs, dim=1).transpose(1, 2)
+
+
+def equal_segment_runs(segments) -> list[tuple[int, int, int, int]]:
+    """Runs of consecutive equal (n, context) segments of a packed prefill -> (first row, rows, n, context)."""
+    runs = []
+    for row, (n, context) in enumerate(segments):
+        if runs and runs[-1][2:] == (n, context):
+            first, rows, _, _ = runs[-1]
+            runs[-1] = (first, rows + 1, n, context)
+        else:
+            runs.append((row, 1, n, context))
+    return runs
 
 
 def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_lens: Tensor,
@@ -87,8 +104,8 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
 
     Query t of row b sits at position context_lens[b] - T + t and sees keys 0..that position;
     keys past a row's context (the rest of its last page, padding pages) are masked out.
-    `context` (B = 1 only): context_lens[0] as a host int, so the keys can be cut to it and a
-    chunk with no cached prefix (T == context) needs no mask.
+    `context` (rows that all have this context): context_lens as a host int, so the keys can be cut
+    to it and a chunk with no cached prefix (T == context) needs no mask.
     """
     B, Hq, T, D = q.shape
     if (pages.kind == "float" and pages.fused and T == 1 and q.dtype == pages.dtype

@@ -9,7 +9,6 @@ path also runs eagerly, which is how the CPU tests cover it.
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -51,20 +50,49 @@ class ModelRunner:
 
         Packing (not padding) keeps every GEMM at M = the step's token count with no wasted rows;
         attention splits the packed tokens back into sequences (PagedBatch.segments)."""
-        ids, positions, slots, segments = [], [], [], []
-        for seq, n in chunks:
-            start = seq.num_cached
-            ids += seq.tokens[start:start + n]
-            positions += range(start, start + n)
-            slots += self._slots(seq.pages, range(start, start + n))
-            segments.append((n, start + n))
-        width = max(len(s.pages) for s, _ in chunks)
-        tables = [s.pages + [NULL_PAGE] * (width - len(s.pages)) for s, _ in chunks]
-        t = self._tensor
-        batch = PagedBatch(self.pages, t(tables), t([c for _, c in segments]), t(slots), tuple(segments))
-        hidden = self.body(t(ids)[None], t(positions)[None], batch)[0]   # [sum(n), hidden]
-        last = t(list(itertools.accumulate(n for n, _ in segments))) - 1
+        host, segments = self.prefill_host(chunks)
+        flat = torch.from_numpy(host)
+        if self.device.type == "cuda":  # one asynchronous copy (torch.tensor from lists: one blocking copy each)
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            flat = flat.to(self.device)
+        ids, positions, slots, tables, lens, last = self.split_prefill_inputs(
+            flat, sum(n for n, _ in segments), len(chunks), max(len(s.pages) for s, _ in chunks))
+        batch = PagedBatch(self.pages, tables, lens, slots, segments)
+        hidden = self.body(ids[None], positions[None], batch)[0]   # [sum(n), hidden]
         return self.model.lm_head(hidden[last]).float()
+
+    def prefill_host(self, chunks: list[tuple[Sequence, int]]) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+        """A packed prefill's inputs as one flat int64 host array: input ids, positions and slots [N]
+        each, block tables [B, W] (padded with the null page), context lengths and each chunk's last
+        row in the packed tokens [B] (split_prefill_inputs views it); and the chunks' (n, context)."""
+        N, B, W = sum(n for _, n in chunks), len(chunks), max(len(s.pages) for s, _ in chunks)
+        host = np.empty(3 * N + B * W + 2 * B, dtype=np.int64)
+        ids, positions, slots, tables, lens, last = self.split_prefill_inputs(host, N, B, W)
+        tables[:] = NULL_PAGE
+        segments, at, ps = [], 0, self.page_size
+        for i, (seq, n) in enumerate(chunks):
+            start = seq.num_cached
+            pos = np.arange(start, start + n)
+            pages = np.asarray(seq.pages, dtype=np.int64)
+            ids[at:at + n] = seq.tokens[start:start + n]
+            positions[at:at + n] = pos
+            slots[at:at + n] = pages[pos // ps] * ps + pos % ps
+            tables[i, :len(pages)] = pages
+            segments.append((n, start + n))
+            at += n
+        lens[:] = [c for _, c in segments]
+        last[:] = np.cumsum([n for n, _ in segments]) - 1
+        return host, tuple(segments)
+
+    @staticmethod
+    def split_prefill_inputs(flat, N: int, B: int, W: int):
+        """Views of a prefill_host array (numpy or a tensor on any device): (input_ids [N], positions [N],
+        slots [N], block_tables [B, W], context_lens [B], last rows [B])."""
+        ids, positions, slots = flat[:N], flat[N:2 * N], flat[2 * N:3 * N]
+        tables = flat[3 * N:3 * N + B * W].reshape(B, W)
+        lens, last = flat[3 * N + B * W:3 * N + B * W + B], flat[3 * N + B * W + B:]
+        return ids, positions, slots, tables, lens, last
 
     # ----------------------------------------------------------------- decode
 
@@ -154,6 +182,3 @@ class ModelRunner:
     def _slots(self, pages: list[int], positions) -> list[int]:
         ps = self.page_size
         return [pages[p // ps] * ps + p % ps for p in positions]
-
-    def _tensor(self, values) -> Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
