@@ -46,7 +46,8 @@ def check_rope_args(x: Tensor, cos: Tensor, sin: Tensor) -> None:
             raise FormatError(f"apply_rope: {name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
 
 
-def _runs_kernel(x: Tensor) -> bool:
+def runs_kernel(x: Tensor) -> bool:
+    """Whether apply_rope(x, ...) runs the CUDA kernel (fp16 / bf16 on a GPU, extension built)."""
     if not x.is_cuda or x.dtype not in _DTYPE_CODE:
         return False
     from .kernels import extension  # late: the extension loads on first use
@@ -88,7 +89,7 @@ def _launch(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @torch.library.custom_op("atom::apply_rope", mutates_args=())
 def _apply_rope_op(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    if _runs_kernel(x):
+    if runs_kernel(x):
         return _launch(x, cos, sin)
     return _empty_like_torch(x).copy_(apply_rope_reference(x, cos, sin))  # the kernel's layout
 

@@ -94,7 +94,7 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, H, T, D]; cos/sin [B, T, D]: x * cos + rotate_half(x) * sin. fp16 / bf16 on a GPU
     (without autograd): one kernel, bit-exact with the torch formula (atom_ops.rope)."""
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not (x.requires_grad and torch.is_grad_enabled()):
+    if rope.runs_kernel(x) and not (x.requires_grad and torch.is_grad_enabled()):  # the op has no backward
         return rope.apply_rope(x, cos, sin)
     return rope.apply_rope_reference(x, cos, sin)
 

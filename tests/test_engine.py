@@ -156,9 +156,9 @@ def test_prefill_host_layout(tiny_config):
     a = Sequence("a", list(range(10, 20)), SamplingParams(), 32, None)  # 10 tokens, 6 cached: chunk of 3
     b = Sequence("b", [5, 6], SamplingParams(), 32, None)               # 2 tokens, none cached
     a.pages, b.pages, a.num_cached = [7, 3, 9], [2], 6
-    host, segments = engine.runner.prefill_host([(a, 3), (b, 2)])
-    ids, positions, slots, tables, lens, last = engine.runner.split_prefill_inputs(host, 5, 2, 3)
-    assert segments == ((3, 9), (2, 2))
+    host, segments, dims = engine.runner.prefill_host([(a, 3), (b, 2)])
+    ids, positions, slots, tables, lens, last = engine.runner.split_prefill_inputs(host, *dims)
+    assert segments == ((3, 9), (2, 2)) and dims == (5, 2, 3)
     assert ids.tolist() == [16, 17, 18, 5, 6] and positions.tolist() == [6, 7, 8, 0, 1]
     assert slots.tolist() == [3 * 4 + 2, 3 * 4 + 3, 9 * 4 + 0, 2 * 4 + 0, 2 * 4 + 1]
     assert tables.tolist() == [[7, 3, 9], [2, NULL_PAGE, NULL_PAGE]]

@@ -50,22 +50,22 @@ class ModelRunner:
 
         Packing (not padding) keeps every GEMM at M = the step's token count with no wasted rows;
         attention splits the packed tokens back into sequences (PagedBatch.segments)."""
-        host, segments = self.prefill_host(chunks)
+        host, segments, dims = self.prefill_host(chunks)
         flat = torch.from_numpy(host)
         if self.device.type == "cuda":  # one asynchronous copy (torch.tensor from lists: one blocking copy each)
             flat = flat.pin_memory().to(self.device, non_blocking=True)
         else:
             flat = flat.to(self.device)
-        ids, positions, slots, tables, lens, last = self.split_prefill_inputs(
-            flat, sum(n for n, _ in segments), len(chunks), max(len(s.pages) for s, _ in chunks))
+        ids, positions, slots, tables, lens, last = self.split_prefill_inputs(flat, *dims)
         batch = PagedBatch(self.pages, tables, lens, slots, segments)
         hidden = self.body(ids[None], positions[None], batch)[0]   # [sum(n), hidden]
         return self.model.lm_head(hidden[last]).float()
 
-    def prefill_host(self, chunks: list[tuple[Sequence, int]]) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+    def prefill_host(self, chunks: list[tuple[Sequence, int]]):
         """A packed prefill's inputs as one flat int64 host array: input ids, positions and slots [N]
         each, block tables [B, W] (padded with the null page), context lengths and each chunk's last
-        row in the packed tokens [B] (split_prefill_inputs views it); and the chunks' (n, context)."""
+        row in the packed tokens [B] -> (the array, the chunks' (n, context), (N, B, W) for
+        split_prefill_inputs)."""
         N, B, W = sum(n for _, n in chunks), len(chunks), max(len(s.pages) for s, _ in chunks)
         host = np.empty(3 * N + B * W + 2 * B, dtype=np.int64)
         ids, positions, slots, tables, lens, last = self.split_prefill_inputs(host, N, B, W)
@@ -83,7 +83,7 @@ class ModelRunner:
             at += n
         lens[:] = [c for _, c in segments]
         last[:] = np.cumsum([n for n, _ in segments]) - 1
-        return host, tuple(segments)
+        return host, tuple(segments), (N, B, W)
 
     @staticmethod
     def split_prefill_inputs(flat, N: int, B: int, W: int):
