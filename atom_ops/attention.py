@@ -572,11 +572,11 @@ def _launch_prefill(ext, q, k_pool, v_pool, block_tables, context_lens, stream: 
 
 def _call(t: Tensor, launch, *args):
     """Run a launch helper on t's device and current stream with the extension's errors as FormatError."""
-    from .kernels import extension
+    from .kernels import extension, on_device, raw_stream
     dev = t.device
-    with torch.cuda.device(dev):
+    with on_device(dev):
         try:
-            return launch(extension(), *args, torch.cuda.current_stream(dev).cuda_stream)
+            return launch(extension(), *args, raw_stream(dev))
         except ValueError as e:
             raise FormatError(str(e)) from None
 

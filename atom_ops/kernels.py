@@ -20,6 +20,7 @@ tensor (cached). Calls it cannot run fall back to the mma family.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -73,6 +74,31 @@ def _device_cc(index: int) -> int:
     return major * 10 + minor
 
 
+@functools.cache
+def _arch_runs(cc: int) -> bool:
+    """Whether the extension has code for compute capability cc."""
+    return bool(extension().arch_for(cc))
+
+
+# The launch path runs once per op call, so its host cost adds up in eager steps (a Llama-7B
+# 8-layer prefill step launches ~70 ops; bench.host_overhead times the pieces).
+_NO_SWITCH = contextlib.nullcontext()
+
+
+def on_device(dev: torch.device):
+    """``with on_device(dev):`` makes dev the current device for the launches inside, switching
+    only when another one is current: ``torch.cuda.device`` costs ~4.5 us on the H100 host even
+    when it switches nothing."""
+    return _NO_SWITCH if dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
+
+
+def raw_stream(dev: torch.device) -> int:
+    """dev's current CUDA stream as the integer the extension takes: what
+    ``torch.cuda.current_stream(dev).cuda_stream`` gives without building a Stream object (~9 us
+    per call on the H100 host); the getter torch's own generated code (inductor) calls."""
+    return torch._C._cuda_getCurrentRawStream(dev.index)
+
+
 def runnable_kernels(device=None) -> list[dict]:
     """Compiled kernels whose code runs on ``device`` (default: the current CUDA device)."""
     if extension() is None or not torch.cuda.is_available():
@@ -117,10 +143,10 @@ def stage_activation(a: QuantizedTensor) -> StagedOperand:
     path, staging.stage_operand, is the reference)."""
     spec, m, dev = a.spec, a.rows, a.packed.device
     st = staging.empty_staged(spec, m, dev)
-    with torch.cuda.device(dev):
+    with on_device(dev):
         extension().stage_packed(a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0,
                                  a.scale.data_ptr(), m, spec.k, spec.group, spec.outliers, st.values.data_ptr(),
-                                 st.scale.data_ptr(), st.values.shape[1], torch.cuda.current_stream(dev).cuda_stream)
+                                 st.scale.data_ptr(), st.values.shape[1], raw_stream(dev))
     return st
 
 
@@ -129,9 +155,11 @@ _X_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float, prologue: str = "none",
-                  norm_weight: torch.Tensor | None = None, eps: float = 1e-5, staged: bool = False):
-    """The fused quantization kernel (quant_ops.cu): (QuantizedTensor, StagedOperand or None), or
-    None when it does not apply (no extension, CPU tensors). Arguments are checked by the caller
+                  norm_weight: torch.Tensor | None = None, eps: float = 1e-5, staged: bool = False,
+                  packed: bool = True):
+    """The fused quantization kernel (quant_ops.cu): (QuantizedTensor or None, StagedOperand or None),
+    or None when it does not apply (no extension, CPU tensors). ``packed=False`` (with ``staged``)
+    writes only the staged operand, all the wgmma GEMM reads. Arguments are checked by the caller
     (atom_ops.quant_ops) except the layout rules checked here."""
     ext = extension()
     if ext is None or not x.is_cuda:
@@ -140,28 +168,37 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
         raise FormatError(f"quantize_activation: x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.stride(-1) != 1:
         raise FormatError("quantize_activation: x rows must be contiguous (x.stride(-1) == 1)")
+    if not (packed or staged):
+        raise FormatError("quantize_rows: nothing to write (packed=False needs staged=True)")
     m, dev = x.shape[0], x.device
     perm32 = None
     if perm is not None:
-        perm32 = perm.to(device=dev, dtype=torch.int32).contiguous()
-    if norm_weight is not None:
+        perm32 = perm if _is_plain(perm, dev, torch.int32) else perm.to(device=dev, dtype=torch.int32).contiguous()
+    if norm_weight is not None and not _is_plain(norm_weight, dev, x.dtype):
         norm_weight = norm_weight.to(device=dev, dtype=x.dtype).contiguous()
-    packed = torch.empty((m, spec.k_normal // 2), dtype=torch.uint8, device=dev)
-    outlier = torch.empty((m, spec.outliers), dtype=torch.int8, device=dev)
-    scale = torch.empty((m, spec.scale_columns), dtype=torch.float16, device=dev)
+    a = None
+    if packed:
+        a = QuantizedTensor(torch.empty((m, spec.k_normal // 2), dtype=torch.uint8, device=dev),
+                            torch.empty((m, spec.outliers), dtype=torch.int8, device=dev),
+                            torch.empty((m, spec.scale_columns), dtype=torch.float16, device=dev), spec)
     st = staging.empty_staged(spec, m, dev) if staged else None
-    with torch.cuda.device(dev):
+    with on_device(dev):
         try:
             ext.quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0),
                               perm32.data_ptr() if perm32 is not None else 0,
                               norm_weight.data_ptr() if norm_weight is not None else 0, float(eps), PROLOGUES[prologue],
-                              float(clip), m, spec.k, spec.group, spec.outliers, packed.data_ptr(),
-                              outlier.data_ptr() if spec.outliers else 0, scale.data_ptr(),
+                              float(clip), m, spec.k, spec.group, spec.outliers, a.packed.data_ptr() if a else 0,
+                              a.outlier.data_ptr() if a and spec.outliers else 0, a.scale.data_ptr() if a else 0,
                               st.values.data_ptr() if st else 0, st.scale.data_ptr() if st else 0,
-                              st.values.shape[1] if st else 0, torch.cuda.current_stream(dev).cuda_stream)
+                              st.values.shape[1] if st else 0, raw_stream(dev))
         except ValueError as e:
             raise FormatError(str(e)) from None
-    return QuantizedTensor(packed, outlier, scale, spec), st
+    return a, st
+
+
+def _is_plain(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> bool:
+    """t already is a contiguous dtype tensor on dev (no conversion to make)."""
+    return t.dtype == dtype and t.device == dev and t.is_contiguous()
 
 
 @functools.cache
@@ -191,9 +228,10 @@ def _tuned_choice(index: int, cc: int, m: int, n: int, k: int, group: int, outli
     return choice.kernel, choice.split_k
 
 
-def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
-    """The compiled kernels' layout requirements (module docstring); raises FormatError."""
-    spec = a.spec
+def check_gpu_args(a: QuantizedTensor | None, w: QuantizedTensor, residual) -> None:
+    """The compiled kernels' layout requirements (module docstring); raises FormatError. ``a`` None:
+    the activation is staged by the quantization kernel into fresh buffers (nothing to check)."""
+    spec = w.spec
     n = w.rows
     if n % N_ALIGN:
         raise FormatError(f"w4a4_gemm on the GPU needs N % {N_ALIGN} == 0 (weight rows), got N={n}")
@@ -201,14 +239,14 @@ def check_gpu_args(a: QuantizedTensor, w: QuantizedTensor, residual) -> None:
         raise FormatError(f"w4a4_gemm on the GPU needs group % {GROUP_ALIGN} == 0, got group={spec.group}")
     if spec.outliers % OUTLIER_ALIGN:
         raise FormatError(f"w4a4_gemm on the GPU needs outliers % {OUTLIER_ALIGN} == 0, got {spec.outliers}")
-    named = [("activation.packed", a.packed), ("activation.outlier", a.outlier), ("activation.scale", a.scale),
-             ("weight.packed", w.packed), ("weight.outlier", w.outlier), ("weight.scale", w.scale)]
-    if residual is not None:
-        named.append(("residual", residual))
+    activation = [] if a is None else [("activation.packed", a.packed), ("activation.outlier", a.outlier),
+                                       ("activation.scale", a.scale)]
+    weight = [("weight.packed", w.packed), ("weight.outlier", w.outlier), ("weight.scale", w.scale)]
+    named = activation + weight + ([("residual", residual)] if residual is not None else [])
     for name, t in named:
         if not t.is_contiguous():
             raise FormatError(f"w4a4_gemm: {name} must be contiguous (call .contiguous())")
-    for name, t in named[:2] + named[3:5]:
+    for name, t in activation[:2] + weight[:2]:
         if t.numel() and t.data_ptr() % 16:
             raise FormatError(f"w4a4_gemm: {name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); "
                               "pass a freshly allocated tensor, not a slice")
@@ -240,8 +278,8 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
             raise FormatError(f"kernel {kernel!r} requested but the extension atom_ops._C was not built")
         return None
     dev = a.packed.device
-    cc = _device_cc(dev.index if dev.index is not None else torch.cuda.current_device())
-    if not kernel and not ext.arch_for(cc):
+    cc = _device_cc(dev.index)
+    if not kernel and not _arch_runs(cc):
         return None  # nothing compiled for this GPU: the reference runs
     check_gpu_args(a, w, residual)
     spec = a.spec
@@ -252,11 +290,11 @@ def w4a4_gemm(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype, re
         return None
     out = _output(out, m, n, out_dtype, dev)
     if kernel_family(name) == "wgmma":  # Hopper family: staged operands
-        with torch.cuda.device(dev):
+        with on_device(dev):
             return _launch_staged(name, stage_activation(a), staged_weight(w), code, residual, out, split)
     ws = torch.empty((m, n), dtype=torch.float32, device=dev) if split > 1 else None
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
+    with on_device(dev):
+        stream = raw_stream(dev)
         ext.w4a4_gemm(name, a.packed.data_ptr(), a.outlier.data_ptr() if spec.outliers else 0, a.scale.data_ptr(),
                       w.packed.data_ptr(), w.outlier.data_ptr() if spec.outliers else 0, w.scale.data_ptr(),
                       out.data_ptr(), residual.data_ptr() if residual is not None else 0,
@@ -272,8 +310,8 @@ def dispatched_kernel(a: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.d
     dev = a.packed.device
     if ext is None or not a.packed.is_cuda:
         return "", 0
-    cc = _device_cc(dev.index if dev.index is not None else torch.cuda.current_device())
-    if not ext.arch_for(cc):
+    cc = _device_cc(dev.index)
+    if not _arch_runs(cc):
         return "", 0
     return _plan("", 0, a.rows, w.rows, a.spec, _DTYPE_CODE[out_dtype], dev, cc)
 
@@ -282,12 +320,18 @@ def _plan(kernel: str, split_k: int, m: int, n: int, spec, code: int, dev, cc: i
     """(kernel name, split-K) for this call: the forced kernel, else the tuning table's choice, else
     the compiled dispatch; ('', 0) when no compiled kernel runs it."""
     if not kernel and split_k == 0:
-        kernel, split_k = _tuned_choice(dev.index if dev.index is not None else torch.cuda.current_device(), cc,
-                                        m, n, spec.k, spec.group, spec.outliers, code)
+        kernel, split_k = _tuned_choice(dev.index, cc, m, n, spec.k, spec.group, spec.outliers, code)
     try:
-        return extension().plan(kernel, m, n, spec.k, spec.group, spec.outliers, code, split_k, cc)
+        return _planned(kernel, split_k, m, n, spec.k, spec.group, spec.outliers, code, cc)
     except ValueError as e:
         raise FormatError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=8192)
+def _planned(kernel: str, split_k: int, m: int, n: int, k: int, group: int, outliers: int, code: int,
+             cc: int) -> tuple[str, int]:
+    """The extension's plan (a pure function of its arguments), once per distinct call."""
+    return extension().plan(kernel, m, n, k, group, outliers, code, split_k, cc)
 
 
 def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, prologue: str, norm_weight, eps: float,
@@ -301,19 +345,20 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, pro
     if ext is None or not x.is_cuda:
         return None
     dev = x.device
-    cc = _device_cc(dev.index if dev.index is not None else torch.cuda.current_device())
-    if not ext.arch_for(cc):
+    cc = _device_cc(dev.index)
+    if not _arch_runs(cc):
         return None
     spec, m, n = w.spec, x.shape[0], w.rows
     name, split = _plan(kernel, split_k, m, n, spec, _DTYPE_CODE[out_dtype], dev, cc)
     if not name:
         return None
-    staged = kernel_family(name) == "wgmma"
-    a, sa = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps, staged=staged)
-    if not staged:
+    if kernel_family(name) != "wgmma":
+        a, _ = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps)
         return w4a4_gemm(a, w, out_dtype, residual, kernel=name, split_k=split, out=out)
-    check_gpu_args(a, w, residual)
-    with torch.cuda.device(dev):
+    # The wgmma family: the quantization kernel writes only the staged operand the GEMM reads.
+    check_gpu_args(None, w, residual)
+    with on_device(dev):
+        _, sa = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps, staged=True, packed=False)
         return _launch_staged(name, sa, staged_weight(w), _DTYPE_CODE[out_dtype], residual,
                               _output(out, m, n, out_dtype, dev), split)
 
@@ -356,7 +401,7 @@ def _launch_staged(name: str, sa: StagedOperand, sw: StagedOperand, code: int, r
     """Launch wgmma kernel ``name`` (planned, arguments checked; ``split``: its split-K factor, 1
     unless built with split-K) on the current device's stream."""
     spec = sa.spec
-    stream = torch.cuda.current_stream(out.device).cuda_stream
+    stream = raw_stream(out.device)
     # _w4 kernels read the weights as 4-bit register fragments (made once per staged weight)
     frag4 = staging.weight_fragments(sw).data_ptr() if uses_weight_fragments(name) else 0
     extension().w4a4_gemm(name, 0, 0, 0, 0, 0, 0, out.data_ptr(), residual.data_ptr() if residual is not None else 0,
@@ -425,8 +470,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None,
     dev = a.device
     if out is None:
         out = torch.empty((m, n), dtype=torch.int32, device=dev)
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
+    with on_device(dev):
+        stream = raw_stream(dev)
         try:
             ext.int8_gemm(kernel or "", a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, stream)
         except ValueError as e:  # no int8 kernel for this GPU, unknown name, unsupported shape

@@ -68,7 +68,7 @@ def _empty_like_torch(x: Tensor) -> Tensor:
 
 
 def _launch(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    from .kernels import extension
+    from .kernels import extension, on_device, raw_stream
     if x.stride(-1) != 1:
         x = x.contiguous()
     if cos.stride(-1) != 1 or sin.stride(-1) != 1 or _strides(cos) != _strides(sin):
@@ -77,11 +77,10 @@ def _launch(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     B, H, T, D = x.shape
     xs, os_, cs = _strides(x), _strides(out), _strides(cos)
     dev = x.device
-    with torch.cuda.device(dev):
+    with on_device(dev):
         try:
             extension().apply_rope(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), _DTYPE_CODE[x.dtype],
-                                   B, H, T, D, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], cs[0], cs[1],
-                                   torch.cuda.current_stream(dev).cuda_stream)
+                                   B, H, T, D, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], cs[0], cs[1], raw_stream(dev))
         except ValueError as e:
             raise FormatError(str(e)) from None
     return out

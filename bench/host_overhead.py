@@ -8,7 +8,8 @@ case runs --iters calls at M = 1 without a sync in between, so the loop is bound
 us per call = the loop's wall time / calls (wall us adds the final sync). Cases: torch.mm (fp16,
 the baseline every ratio divides by), atom_ops.quantized_linear (the op, RMSNorm prologue) and the
 pieces of its GPU launch path (kernels.quantized_linear without the op and the checks, the
-quantization kernel alone, the plan lookup, a device guard, a stream lookup), kv4_gather of one
+quantization kernel alone writing the staged operand, the plan lookup, torch's device guard and
+stream lookup against the extension's cheaper kernels.on_device / raw_stream), kv4_gather of one
 row, and SDPA; on CUDA also the GPU time of SDPA's backends at a prefill shape ([8, 32, 1024, 128]
 causal). --device cpu runs the reference paths (a smoke test, not a measurement).
 Writes host_overhead_<tag>.{json,txt}.
@@ -38,8 +39,8 @@ def host_per_call(fn, iters: int, sync) -> tuple[float, float]:
     return 1e6 * host / iters, 1e6 * (time.perf_counter() - t0) / iters
 
 
-def device_guard(dev: torch.device) -> None:
-    with torch.cuda.device(dev):
+def device_guard(dev: torch.device, guard) -> None:
+    with guard(dev):
         pass
 
 
@@ -72,10 +73,12 @@ def host_cases(k: int, n: int, dev: torch.device) -> dict:
             "kernels.quantized_linear": lambda: kernels.quantized_linear(x, w, perm, 1.0, "rmsnorm", norm, 1e-5,
                                                                          torch.float16, None),
             "kernels.quantize_rows": lambda: kernels.quantize_rows(x, spec, perm, 1.0, "rmsnorm", norm, 1e-5,
-                                                                   staged=True),
+                                                                   staged=True, packed=False),
             "kernels._plan": lambda: kernels._plan("", 0, 1, n, spec, 0, dev, kernels._device_cc(dev.index or 0)),
-            "torch.cuda.device guard": lambda: device_guard(dev),
+            "torch.cuda.device guard": lambda: device_guard(dev, torch.cuda.device),
+            "kernels.on_device": lambda: device_guard(dev, kernels.on_device),
             "torch.cuda.current_stream": lambda: torch.cuda.current_stream(dev).cuda_stream,
+            "kernels.raw_stream": lambda: kernels.raw_stream(dev),
         })
     return cases
 

@@ -153,6 +153,36 @@ def test_kernel_rounds_exact_ties_to_even(dtype):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_staged_only_output_and_launch_helpers():
+    """quantize_rows(packed=False) writes the staged operand alone (the wgmma path of
+    quantized_linear), bit for bit the one written next to the packed format; the extension
+    refuses a call with no output or half a packed one; kernels.raw_stream / on_device give
+    torch's current stream and device."""
+    for i, (prologue, o) in enumerate([("none", 128), ("rmsnorm", 0), ("silu_mul", 64)]):
+        spec = QuantSpec(1024 + o, 128, o)
+        x, perm, weight = _case(37, spec, prologue, torch.float16, "cuda", 900 + i)
+        full, st_full = kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, 1e-5, staged=True)
+        none, st = kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, 1e-5, staged=True, packed=False)
+        assert none is None and full is not None
+        assert torch.equal(st.values, st_full.values) and torch.equal(st.scale, st_full.scale), prologue
+    with pytest.raises(FormatError, match="nothing to write"):
+        kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, staged=False, packed=False)
+    ext, dev = kernels.extension(), x.device
+    stream = kernels.raw_stream(dev)
+    for packed, scale, staged, why in ((0, 0, 0, "no output"), (x.data_ptr(), 0, 0, "given whole")):
+        with pytest.raises(ValueError, match=why):
+            ext.quantize_rows(x.data_ptr(), 0, x.stride(0), 0, 0, 1e-5, 0, 1.0, 1, 1024, 128, 0, packed, 0, scale,
+                              staged, 0, 0, stream)
+    assert stream == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        assert kernels.raw_stream(dev) == side.cuda_stream != stream
+    with kernels.on_device(dev):
+        assert torch.cuda.current_device() == dev.index
+
+
 def _check_kernel(m, spec, prologue, dtype, clip, x, perm, weight, staged) -> list[str]:
     """The kernel's outputs against the reference: bit-exact, RMSNorm within one step (rstd's last bit)."""
     got, st = kernels.quantize_rows(x, spec, perm, clip, prologue, weight, 1e-5, staged=staged)
