@@ -37,6 +37,9 @@ _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 # w4a4_gemm on packed activations, which charged the wgmma family a staging launch that the engine
 # and AtomLinear never run.
 # Tables written by `python -m tuning` record it; the run-time lookup ignores other revisions.
+# (Not bumped when the wgmma path's quantization stopped writing the unused packed format: every
+# candidate at prefill sizes is a wgmma tile and gains alike, and at decode sizes the dropped
+# writes are a few KB of a launch-bound kernel, so the tables' choices stand.)
 OP_REVISION = 3
 N_ALIGN = 16
 GROUP_ALIGN = 64
@@ -75,6 +78,13 @@ def _device_cc(index: int) -> int:
 
 
 @functools.cache
+def _staged_only() -> bool:
+    """Whether the extension's quantization kernel can write the staged operand alone: a build from
+    before it could would write through the null packed pointers."""
+    return bool(getattr(extension(), "QUANTIZE_STAGED_ONLY", False))
+
+
+@functools.cache
 def _arch_runs(cc: int) -> bool:
     """Whether the extension has code for compute capability cc."""
     return bool(extension().arch_for(cc))
@@ -89,14 +99,14 @@ def on_device(dev: torch.device):
     """``with on_device(dev):`` makes dev the current device for the launches inside, switching
     only when another one is current: ``torch.cuda.device`` costs ~4.5 us on the H100 host even
     when it switches nothing."""
-    return _NO_SWITCH if dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
+    return _NO_SWITCH if dev.index is None or dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
 
 
 def raw_stream(dev: torch.device) -> int:
     """dev's current CUDA stream as the integer the extension takes: what
     ``torch.cuda.current_stream(dev).cuda_stream`` gives without building a Stream object (~9 us
     per call on the H100 host); the getter torch's own generated code (inductor) calls."""
-    return torch._C._cuda_getCurrentRawStream(dev.index)
+    return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 def runnable_kernels(device=None) -> list[dict]:
@@ -170,6 +180,9 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
         raise FormatError("quantize_activation: x rows must be contiguous (x.stride(-1) == 1)")
     if not (packed or staged):
         raise FormatError("quantize_rows: nothing to write (packed=False needs staged=True)")
+    if not packed and not _staged_only():
+        raise FormatError("quantize_rows: the compiled extension predates staged-only output; rebuild it "
+                          "(pip install -e . or the CMake build)")
     m, dev = x.shape[0], x.device
     perm32 = None
     if perm is not None:
@@ -358,7 +371,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, perm, clip: float, pro
     # The wgmma family: the quantization kernel writes only the staged operand the GEMM reads.
     check_gpu_args(None, w, residual)
     with on_device(dev):
-        _, sa = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps, staged=True, packed=False)
+        _, sa = quantize_rows(x, spec, perm, clip, prologue, norm_weight, eps, staged=True, packed=not _staged_only())
         return _launch_staged(name, sa, staged_weight(w), _DTYPE_CODE[out_dtype], residual,
                               _output(out, m, n, out_dtype, dev), split)
 
@@ -388,7 +401,8 @@ def staged_gemm(sa: StagedOperand, sw: StagedOperand, out_dtype: torch.dtype, re
         raise FormatError(f"staged_gemm: activation spec {sa.spec} does not match weight spec {sw.spec}")
     if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype or not residual.is_contiguous()):
         raise FormatError(f"residual must be a contiguous {out_dtype} [{m}, {n}] tensor")
-    return _launch_staged(name, sa, sw, code, residual, _output(out, m, n, out_dtype, dev), split)
+    with on_device(dev):
+        return _launch_staged(name, sa, sw, code, residual, _output(out, m, n, out_dtype, dev), split)
 
 
 def uses_weight_fragments(name: str) -> bool:

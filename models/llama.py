@@ -134,11 +134,10 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # GQA: each kv head serves `groups` consecutive query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1,
-                                              scale=self.head_dim ** -0.5)
+        # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads; SDPA's enable_gqa
+        # gives the bits of repeating K and V per query head, without the copy
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.head_dim ** -0.5,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
 
 class MLP(nn.Module):

@@ -160,9 +160,13 @@ def test_staged_only_output_and_launch_helpers():
     quantized_linear), bit for bit the one written next to the packed format; the extension
     refuses a call with no output or half a packed one; kernels.raw_stream / on_device give
     torch's current stream and device."""
-    for i, (prologue, o) in enumerate([("none", 128), ("rmsnorm", 0), ("silu_mul", 64)]):
+    assert kernels.extension().QUANTIZE_STAGED_ONLY
+    cases = [("none", 128, 37, torch.float16, True), ("rmsnorm", 0, 300, torch.bfloat16, True),
+             ("silu_mul", 64, 37, torch.float16, False), ("none", 128, 1, torch.float32, False)]
+    for i, (prologue, o, m, dtype, with_perm) in enumerate(cases):
         spec = QuantSpec(1024 + o, 128, o)
-        x, perm, weight = _case(37, spec, prologue, torch.float16, "cuda", 900 + i)
+        x, perm, weight = _case(m, spec, prologue, dtype, "cuda", 900 + i)
+        perm = perm if with_perm else None  # no permutation: the kernel's contiguous-row instantiation
         full, st_full = kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, 1e-5, staged=True)
         none, st = kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, 1e-5, staged=True, packed=False)
         assert none is None and full is not None
@@ -171,16 +175,23 @@ def test_staged_only_output_and_launch_helpers():
         kernels.quantize_rows(x, spec, perm, 0.9, prologue, weight, staged=False, packed=False)
     ext, dev = kernels.extension(), x.device
     stream = kernels.raw_stream(dev)
-    for packed, scale, staged, why in ((0, 0, 0, "no output"), (x.data_ptr(), 0, 0, "given whole")):
+    xs = torch.randn(1, 1152, device=dev, dtype=torch.float16)
+    scratch = torch.empty(4096, dtype=torch.uint8, device=dev)  # a valid target, should a check regress
+    p = scratch.data_ptr()
+    # (packed, outlier, scale, staged, outliers, why): no output at all; half a packed output
+    for packed, outlier, scale, staged, o, why in ((0, 0, 0, 0, 0, "no output"), (p, 0, 0, 0, 0, "given whole"),
+                                                   (0, 0, p, 0, 0, "given whole"), (p, 0, p + 2048, 0, 128, "given whole")):
         with pytest.raises(ValueError, match=why):
-            ext.quantize_rows(x.data_ptr(), 0, x.stride(0), 0, 0, 1e-5, 0, 1.0, 1, 1024, 128, 0, packed, 0, scale,
-                              staged, 0, 0, stream)
+            ext.quantize_rows(xs.data_ptr(), 0, xs.stride(0), 0, 0, 1e-5, 0, 1.0, 1, 1024 + o, 128, o, packed, outlier,
+                              scale, staged, 0, 0, stream)
+    torch.cuda.synchronize()
     assert stream == torch.cuda.current_stream(dev).cuda_stream
     side = torch.cuda.Stream(dev)
     with torch.cuda.stream(side):
         assert kernels.raw_stream(dev) == side.cuda_stream != stream
-    with kernels.on_device(dev):
+    with kernels.on_device(dev), kernels.on_device(torch.device("cuda")):  # (one GPU: the no-switch branch)
         assert torch.cuda.current_device() == dev.index
+    assert kernels.raw_stream(torch.device("cuda")) == stream
 
 
 def _check_kernel(m, spec, prologue, dtype, clip, x, perm, weight, staged) -> list[str]:
