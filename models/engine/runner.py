@@ -70,14 +70,14 @@ class ModelRunner:
         host = np.empty(3 * N + B * W + 2 * B, dtype=np.int64)
         ids, positions, slots, tables, lens, last = self.split_prefill_inputs(host, N, B, W)
         tables[:] = NULL_PAGE
-        segments, at, ps = [], 0, self.page_size
+        segments, at = [], 0
         for i, (seq, n) in enumerate(chunks):
             start = seq.num_cached
             pos = np.arange(start, start + n)
             pages = np.asarray(seq.pages, dtype=np.int64)
             ids[at:at + n] = seq.tokens[start:start + n]
             positions[at:at + n] = pos
-            slots[at:at + n] = pages[pos // ps] * ps + pos % ps
+            slots[at:at + n] = self._slots(pages, pos)
             tables[i, :len(pages)] = pages
             segments.append((n, start + n))
             at += n
@@ -125,7 +125,7 @@ class ModelRunner:
             pages = s.pages
             ids.append(s.token_at(pos))
             positions.append(pos)
-            slots.append(self._slots(pages, (pos,))[0])
+            slots.append(self._slots(pages, pos))
             held, k = written[i], len(pages)
             if held is None or held[0] is not pages or held[1] > k:
                 tables[i, :k] = pages
@@ -179,6 +179,8 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- helpers
 
-    def _slots(self, pages: list[int], positions) -> list[int]:
+    def _slots(self, pages, positions):
+        """Cache slot of a position: its page's id x page_size + its offset in the page (a list of
+        pages and an int, or numpy arrays of both: then one slot per position)."""
         ps = self.page_size
-        return [pages[p // ps] * ps + p % ps for p in positions]
+        return pages[positions // ps] * ps + positions % ps
