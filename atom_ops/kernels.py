@@ -184,9 +184,7 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
         raise FormatError("quantize_rows: the compiled extension predates staged-only output; rebuild it "
                           "(pip install -e . or the CMake build)")
     m, dev = x.shape[0], x.device
-    perm32 = None
-    if perm is not None:
-        perm32 = perm if _is_plain(perm, dev, torch.int32) else perm.to(device=dev, dtype=torch.int32).contiguous()
+    perm32 = None if perm is None else int32_perm(perm, dev)
     if norm_weight is not None and not _is_plain(norm_weight, dev, x.dtype):
         norm_weight = norm_weight.to(device=dev, dtype=x.dtype).contiguous()
     a = None
@@ -207,6 +205,30 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
         except ValueError as e:
             raise FormatError(str(e)) from None
     return a, st
+
+
+def int32_perm(perm: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """perm as the contiguous int32 tensor on dev that the quantization kernel reads. Models keep
+    int64 permutations (checkpoint format), and converting at every call cost a copy kernel per
+    quantized linear (3 of a decode step's ~14 kernels per layer), so the converted copy is kept on
+    the tensor itself, valid while perm's version counter (bumped by any in-place write, through
+    any view) and the device are unchanged. Not cached while a CUDA graph is being captured (the
+    copy would live in the graph's pool)."""
+    if _is_plain(perm, dev, torch.int32):
+        return perm
+    try:
+        version = perm._version
+    except RuntimeError:  # an inference tensor: no version counter, so nothing to validate a copy by
+        version = None
+    cached = getattr(perm, "_atom_int32", None)
+    if version is not None and cached is not None and cached[0] == version and cached[1].device == dev:
+        return cached[1]
+    with on_device(dev):
+        perm32 = perm.to(device=dev, dtype=torch.int32).contiguous()
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if version is not None and not capturing:
+        perm._atom_int32 = (version, perm32)
+    return perm32
 
 
 def _is_plain(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> bool:

@@ -71,6 +71,29 @@ def test_op_errors_name_the_problem():
         quant_ops.quantize_activation(x[0], spec)
 
 
+def test_int32_perm_is_kept_until_the_permutation_changes():
+    """The kernel's int32 copy of a model's int64 permutation is made once, not per call, and
+    remade after any in-place write (directly or through a view)."""
+    cpu = torch.device("cpu")
+    perm = torch.randperm(64)
+    first = kernels.int32_perm(perm, cpu)
+    assert first.dtype == torch.int32 and first.is_contiguous() and torch.equal(first.long(), perm)
+    assert kernels.int32_perm(perm, cpu) is first
+    perm[:2] = perm[:2].flip(0).clone()
+    second = kernels.int32_perm(perm, cpu)
+    assert second is not first and torch.equal(second.long(), perm)
+    perm.view(8, 8)[3].copy_(perm.view(8, 8)[3].flip(0))
+    assert torch.equal(kernels.int32_perm(perm, cpu).long(), perm)
+    plain = perm.int()
+    assert kernels.int32_perm(plain, cpu) is plain
+    with torch.inference_mode():  # no version counter: converted every time, never stale
+        frozen = torch.randperm(16)
+        frozen_32 = kernels.int32_perm(frozen, cpu)
+        assert torch.equal(frozen_32.long(), frozen)
+        frozen[:] = frozen.flip(0)
+        assert torch.equal(kernels.int32_perm(frozen, cpu).long(), frozen)
+
+
 def test_opcheck_cpu():
     spec = QuantSpec(576, 128, 64)
     x, perm, weight = _case(3, spec, "rmsnorm", torch.float32, "cpu", 2)
