@@ -1,7 +1,8 @@
 """End-to-end serving throughput: fp16 vs fp8 vs atom modes of models/engine, side by side.
 
     python -m bench.e2e [--models llama-7b llama-3-8b] [--modes fp16 fp8 atom] [--batch 16 64 128 256]
-                        [--input 1024] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs] [--overlap on|off]
+                        [--input 1024] [--input-min N] [--output 256] [--kv-gib 30] [--layers N] [--cuda-graphs]
+                        [--overlap on|off]
                         [--prefill-tokens 8192] [--device cuda] [--out bench/results] [--tag h100] [--profile N]
 
 Each model is built from its config (models.config presets or an HF config.json) with random
@@ -10,6 +11,8 @@ through models.quantize.quantize_model_uncalibrated (Atom's format, RTN with a r
 order, KV4 pages: the same kernels and bytes as a calibrated checkpoint). For every batch size,
 `batch` requests of `input` random prompt tokens and `output` generated tokens (ignore_eos) go
 into one Engine at once; after a warm-up request, the wall time until all finish is measured.
+`--input-min N`: prompt lengths drawn uniformly from N..input instead (a serving mix: a packed
+prefill step then holds chunks of unequal shapes, whose attention runs per run of equal shapes).
 Each engine step packs up to `--prefill-tokens` prompt tokens (several prompts) into one prefill
 forward beside the decode step of the running sequences.
 Reported per (model, mode, batch): output tokens/s over the whole run (prefill included), decode
@@ -122,7 +125,8 @@ def alloc_retries(device) -> int:
 
 
 def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int, cuda_graphs: bool,
-              device: torch.device, seed: int, prefill_tokens: int, overlap: bool | None = None) -> dict:
+              device: torch.device, seed: int, prefill_tokens: int, overlap: bool | None = None,
+              input_min: int | None = None) -> dict:
     from models.engine import Engine, EngineConfig, SamplingParams
     from models.engine.kv_cache import page_bytes, pages_for
     cfg = EngineConfig(max_context=input_len + output_len, kv_cache_bytes=kv_bytes, cuda_graphs=cuda_graphs,
@@ -137,6 +141,9 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, input_len), generator=gen).tolist()
+    if input_min is not None:  # unequal prompts: a prefix of each row, length uniform in input_min..input_len
+        lengths = torch.randint(input_min, input_len + 1, (batch,), generator=gen).tolist()
+        prompts = [p[:n] for p, n in zip(prompts, lengths)]
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     # Warm-up (kernels and their first-call autotuning, staged-weight caches, allocator): one step of
     # full-size packed prefill and a few decode steps.
@@ -224,6 +231,27 @@ def _profile(engine, steps: int) -> str:
                                      max_name_column_width=70) + "\n"
 
 
+def summary(rows: list[dict], modes) -> tuple[list[dict], list[str]]:
+    """The printed table of a run's rows: one line per (model, batch), each mode's tokens/s, decode
+    step and sequences held, and atom's ratios to fp16 and fp8 (also for re-rendering a saved JSON)."""
+    table = {}
+    for r in rows:
+        c, mode = r["case"], r["impl"]
+        prompt = f"{c['input_min']}-{c['input']}" if c.get("input_min") is not None else c["input"]
+        trow = table.setdefault((c["model"], c["batch"]), {"model": c["model"], "batch": c["batch"], "input": prompt,
+                                                          "output": c["output"]})
+        trow[f"{mode}_tok_s"] = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "err"
+        trow[f"{mode}_step_ms"] = f"{r['step_ms']:.1f}" if "step_ms" in r else "-"
+        trow[f"{mode}_fit"] = r.get("kv_fit_sequences", "-")
+    for trow in table.values():
+        for base in ("fp16", "fp8"):
+            a, b = trow.get("atom_tok_s"), trow.get(f"{base}_tok_s")
+            ok = a not in (None, "err") and b not in (None, "err")
+            trow[f"atom_vs_{base}"] = f"{float(a) / float(b):.2f}x" if ok else "-"
+    cols = ["model", "batch", "input", "output"] + [f"{m}_{c}" for m in modes for c in ("tok_s", "step_ms", "fit")]
+    return list(table.values()), cols + ["atom_vs_fp16", "atom_vs_fp8"]
+
+
 def plot(rows, path: Path, gpu: str | None = None):
     series = {}
     for r in rows:
@@ -240,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch", nargs="+", type=int, default=[16, 64, 128, 256])
     p.add_argument("--input", type=int, default=1024, help="prompt tokens per request")
+    p.add_argument("--input-min", type=int, default=None,
+                   help="unequal prompts: lengths uniform in input-min..input (default: all --input)")
     p.add_argument("--output", type=int, default=256, help="generated tokens per request")
     p.add_argument("--kv-gib", type=float, default=30.0, help="KV cache budget per engine (GiB)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
@@ -255,11 +285,13 @@ def main(argv=None) -> int:
                    help="profile N decode steps per model and mode (batch --profile-batch)")
     p.add_argument("--profile-batch", type=int, default=64)
     args = p.parse_args(argv)
+    if args.input_min is not None and not 1 <= args.input_min <= args.input:
+        p.error(f"--input-min {args.input_min} must be in 1..--input ({args.input})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench.e2e: --device cuda but no CUDA GPU", file=sys.stderr)
         return 2
-    rows, table, profiles = [], {}, []
+    rows, profiles = [], []
     for name in args.models:
         cfg = load_config(name, args.layers)
         for mode in args.modes:
@@ -270,20 +302,16 @@ def main(argv=None) -> int:
                 continue
             for batch in args.batch:
                 case = {"model": name, "layers": model.config.num_hidden_layers, "batch": batch, "input": args.input,
+                        "input_min": args.input_min,
                         "output": args.output, "kv_gib": args.kv_gib, "cuda_graphs": args.cuda_graphs,
                         "prefill_tokens": args.prefill_tokens, "overlap": args.overlap}
                 try:
                     r = run_batch(model, batch, args.input, args.output, int(args.kv_gib * 2**30), args.cuda_graphs,
                                   device, args.seed, args.prefill_tokens,
-                                  None if args.overlap is None else args.overlap == "on")
+                                  None if args.overlap is None else args.overlap == "on", args.input_min)
                 except (ValueError, RuntimeError, torch.cuda.OutOfMemoryError) as e:
                     r = {"error": str(e).splitlines()[0][:200]}
                 rows.append({"case": case, "impl": mode, **r})
-                trow = table.setdefault((name, batch), {"model": name, "batch": batch, "input": args.input,
-                                                         "output": args.output})
-                trow[f"{mode}_tok_s"] = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "err"
-                trow[f"{mode}_step_ms"] = f"{r['step_ms']:.1f}" if "step_ms" in r else "-"
-                trow[f"{mode}_fit"] = r.get("kv_fit_sequences", "-")
                 print(f"{name} {mode} batch={batch}: " + (f"{r['tokens_per_s']:.1f} tok/s, step {r['step_ms']:.1f} ms, "
                       f"ttft {r['ttft_s']:.2f} s, {r['kv_format']} KV holds {r['kv_fit_sequences']}"
                       if "tokens_per_s" in r else r["error"]), flush=True)
@@ -295,14 +323,8 @@ def main(argv=None) -> int:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    for trow in table.values():
-        for base in ("fp16", "fp8"):
-            a, b = trow.get("atom_tok_s"), trow.get(f"{base}_tok_s")
-            ok = a not in (None, "err") and b not in (None, "err")
-            trow[f"atom_vs_{base}"] = f"{float(a) / float(b):.2f}x" if ok else "-"
-    cols = ["model", "batch", "input", "output"] + [f"{m}_{c}" for m in args.modes for c in ("tok_s", "step_ms", "fit")]
-    cols += ["atom_vs_fp16", "atom_vs_fp8"]
-    write_results(args.out, f"e2e_{args.tag or default_tag()}", "e2e", rows, list(table.values()), cols,
+    table, cols = summary(rows, args.modes)
+    write_results(args.out, f"e2e_{args.tag or default_tag()}", "e2e", rows, table, cols,
                   command_line("bench.e2e"), plot=lambda path: plot(rows, path), device=str(device))
     if profiles:
         (args.out / f"e2e_{args.tag or default_tag()}_profile.txt").write_text("".join(profiles))

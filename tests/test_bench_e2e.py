@@ -38,3 +38,21 @@ def test_e2e_bench_runs_and_reports(tmp_path):
     for mode in ("fp16", "atom"):
         assert f"== {mode}: first prefill step (up to 24 tokens" in profile
         assert f"== {mode}: 2 decode steps, batch 3" in profile
+
+
+def test_e2e_bench_unequal_prompts(tmp_path):
+    """--input-min: prompts of unequal lengths (packed prefill steps of several attention runs)."""
+    import pytest
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    common = ["--models", str(path), "--modes", "atom", "--batch", "4", "--input", "12", "--output", "3",
+              "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--prefill-tokens", "40"]
+    assert e2e.main(common + ["--input-min", "3", "--tag", "u"]) == 0
+    (row,) = json.loads((tmp_path / "e2e_u.json").read_text())["rows"]
+    assert "error" not in row and row["tokens"] == 4 * 3 and row["case"]["input_min"] == 3
+    assert " 3-12 " in (tmp_path / "e2e_u.txt").read_text()  # the table states the prompt range
+    with pytest.raises(SystemExit):  # argparse's error: lengths must fit in 1..--input
+        e2e.main(common + ["--input-min", "13"])

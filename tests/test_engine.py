@@ -149,6 +149,28 @@ def check_runner_matches_plain(model, engine, seqs, chunks, steps: int, rtol: fl
             close(row, ref)
 
 
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_engine_attention_keeps_cudnn_out(tiny_config, kv_format, monkeypatch):
+    """Every SDPA call of the engine (packed prefill with and without a cached prefix, decode) runs
+    with cuDNN's backend off (it builds a plan per new prompt length), and the process-wide setting
+    is back as it was after each step."""
+    import models.engine.attention as attention
+
+    seen, sdpa = [], attention.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    engine = Engine(random_model(tiny_config, kv_format), EngineConfig(page_size=4, max_context=64,
+                                                                       max_prefill_tokens=8))
+    engine.generate(prompts(tiny_config.vocab_size, (5, 11, 3)), SamplingParams(max_tokens=3, ignore_eos=True))
+    assert seen and not any(seen)  # chunks of 8 tokens: prefixes cached, a masked call among them
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_prefill_host_layout(tiny_config):
     """prefill_host's flat array, through split_prefill_inputs: the chunks' tokens, positions and
     cache slots packed in order, null-padded block tables, context lengths, each chunk's last row."""

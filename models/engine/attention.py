@@ -11,6 +11,7 @@ block-table width, with no host syncs, so it also runs inside a captured CUDA gr
 - float pages on a GPU whose shape the kernel takes: decode is atom_ops' paged decode-attention
   kernel (same design as the KV4 one, fp16/bf16 rows), prefill reads the pages back for SDPA.
 - otherwise (the CPU, other shapes): the pages read back in torch and SDPA.
+SDPA runs without cuDNN (SHAPE_STABLE_BACKENDS: cuDNN compiles a plan for every new prompt length).
 New k, v are stored before attending (RoPE applied to k on the way in, fused into the KV4 store
 kernel on a GPU).
 
@@ -25,9 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from atom_ops.attention import (kernel_limits, kv4_decode_attention, kv4_gather, kv4_prefill_attention,
                                 paged_decode_attention, prefill_uses_kernel)
@@ -98,6 +102,27 @@ def equal_segment_runs(segments) -> list[tuple[int, int, int, int]]:
     return runs
 
 
+# cuDNN's SDPA builds an execution plan for every new shape (H100, torch 2.11: ~50 ms at each new
+# prompt length, 1.7 s for a first masked call), and a serving engine's prefill meets a new shape with
+# nearly every prompt: 64 prompts of 256-1024 tokens (Llama-7B, 8 layers) took the atom mode's prefill
+# phase 5.0 s with it and 0.22 s without. So the engine's SDPA calls run on torch's flash / memory-
+# efficient kernels, which need no per-shape build; at equal 1024-token prompts flash is slower per
+# call ([8, 32, 1024, 128]: 319 vs 194 us) but the prefill steps change by less than their noise.
+SHAPE_STABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def shape_stable_sdpa():
+    """``with shape_stable_sdpa():`` keeps cuDNN out of the SDPA calls inside (a no-op when it is off
+    already: the context manager costs ~13 us of host time, so a prefill step enters it once)."""
+    return sdpa_kernel(SHAPE_STABLE_BACKENDS) if torch.backends.cuda.cudnn_sdp_enabled() else nullcontext()
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """F.scaled_dot_product_attention without cuDNN (SHAPE_STABLE_BACKENDS)."""
+    with shape_stable_sdpa():
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_lens: Tensor,
                     context: int | None = None) -> Tensor:
     """Causal attention of q [B, Hq, T, D] over each sequence's cached keys.
@@ -130,16 +155,16 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
         # token) its mask, so they go in as that head's query rows; no copy of K and V per query head
         q_pos = context_lens[:, None, None, None] - 1                              # [B, 1, 1, 1]
         visible = torch.arange(L, device=q.device)[None, None, None, :] <= q_pos   # [B, 1, 1, L]
-        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=visible,
+        out = sdpa(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=visible,
                                              scale=D ** -0.5)
         return out.reshape(B, Hq, 1, D)
     if T == context:  # the chunk is the whole sequence so far: plain causal attention
         # GQA (each kv head serves Hq / Hkv consecutive query heads) through SDPA's enable_gqa: the
         # same bits as repeating K and V per query head, without the copy (H100, [8, 32, 1024, 128]
         # with 8 kv heads: 158 us against 311 us with the repeat)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5, enable_gqa=Hq != Hkv)
+        return sdpa(q, k, v, is_causal=True, scale=D ** -0.5, enable_gqa=Hq != Hkv)
     if Hq != Hkv:  # masked: not every masked SDPA backend takes enable_gqa, so the repeated copy
         k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
     q_pos = context_lens[:, None] - T + torch.arange(T, device=q.device)        # [B, T]
     visible = torch.arange(L, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=D ** -0.5)
+    return sdpa(q, k, v, attn_mask=visible[:, None], scale=D ** -0.5)

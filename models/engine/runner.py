@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention import PagedBatch
+from .attention import PagedBatch, shape_stable_sdpa
 from .kv_cache import NULL_PAGE
 from .scheduler import Sequence
 
@@ -58,7 +58,8 @@ class ModelRunner:
             flat = flat.to(self.device)
         ids, positions, slots, tables, lens, last = self.split_prefill_inputs(flat, *dims)
         batch = PagedBatch(self.pages, tables, lens, slots, segments)
-        hidden = self.body(ids[None], positions[None], batch)[0]   # [sum(n), hidden]
+        with shape_stable_sdpa():  # entered once per step, not per attention call (attention.sdpa)
+            hidden = self.body(ids[None], positions[None], batch)[0]   # [sum(n), hidden]
         return self.model.lm_head(hidden[last]).float()
 
     def prefill_host(self, chunks: list[tuple[Sequence, int]]):
