@@ -231,6 +231,26 @@ def int32_perm(perm: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return perm32
 
 
+def fp8_quantize_rows(x: torch.Tensor):
+    """The FP8 baseline's per-row e4m3 quantization (models/engine/fp8.py) in one kernel:
+    (fp8 [M, K], fp32 scales [M, 1]), or None when it does not run here (no extension or one built
+    before it, a CPU tensor, another dtype, rows not contiguous); the caller then runs torch's ops."""
+    ext = extension()
+    if (ext is None or not x.is_cuda or x.dim() != 2 or x.dtype not in _X_DTYPE_CODE or x.stride(-1) != 1
+            or not hasattr(ext, "fp8_quantize_rows")):
+        return None
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return out, scale.fill_(1e-12)
+    dev = x.device
+    with on_device(dev):
+        ext.fp8_quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0) if m > 1 else k, out.data_ptr(),
+                              scale.data_ptr(), m, k, raw_stream(dev))
+    return out, scale
+
+
 def _is_plain(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> bool:
     """t already is a contiguous dtype tensor on dev (no conversion to make)."""
     return t.dtype == dtype and t.device == dev and t.is_contiguous()

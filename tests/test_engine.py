@@ -643,6 +643,46 @@ def test_fused_atom_layers_match_the_layers_they_regroup(atom_checkpoint):
     assert [len(c.token_ids) for c in done] == [5, 5]
 
 
+def test_merged_projections_match_the_layers_they_stack(tiny_config):
+    """fp16 / fp8 models serve with q|k|v and gate|up each one linear: same layer outputs (up to the
+    GEMM's summation order), the originals turned into views of the stacked weights (nothing held
+    twice, the model itself unchanged), and the engine serving through them unless told not to."""
+    from models.engine.fp8 import Fp8Linear
+    from models.engine.fused_layers import MergedProjectionLayer, merge_projections, stack_linears
+
+    model = random_model(tiny_config)
+    ids, positions = torch.tensor([prompts(tiny_config.vocab_size, (9,))[0]]), torch.arange(9)[None]
+    with torch.no_grad():
+        before = model(ids)
+        merged = merge_projections(model)
+        assert merged is not None and all(isinstance(m, MergedProjectionLayer) for m in merged.layers)
+        first, attn = merged.layers[0], model.model.layers[0].self_attn
+        assert first.qkv.out_features == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+        shared = first.qkv.weight.untyped_storage().data_ptr()
+        assert all(p.weight.untyped_storage().data_ptr() == shared for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert torch.allclose(model(ids), before, atol=1e-5, rtol=0)  # the model computes as before
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary_emb(positions, x.dtype)
+        for layer, merged_layer in zip(model.model.layers, merged.layers):
+            assert torch.allclose(merged_layer(x, cos, sin), layer(x, cos, sin), atol=1e-5, rtol=1e-5)
+            x = layer(x, cos, sin)
+    engine = Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=2))
+    assert engine.runner.body is engine.fused and isinstance(engine.fused.layers[0], MergedProjectionLayer)
+    assert Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=2, regroup_layers=False)).fused is None
+    # fp8 projections stack their e4m3 rows and per-channel scales (forward: GPU test)
+    lins = [Fp8Linear(torch.nn.Linear(32, n, bias=False)) for n in (16, 48)]
+    want = [(m.weight_fp8.clone(), m.weight_scale.clone()) for m in lins]
+    stacked = stack_linears(lins)
+    assert isinstance(stacked, Fp8Linear) and stacked.out_features == 64
+    assert torch.equal(stacked.weight_fp8.view(torch.uint8), torch.cat([w.view(torch.uint8) for w, _ in want]))
+    assert torch.equal(stacked.weight_scale, torch.cat([s for _, s in want], dim=1))
+    assert all(torch.equal(m.weight_fp8.view(torch.uint8), w.view(torch.uint8)) and torch.equal(m.weight_scale, s)
+               for m, (w, s) in zip(lins, want))
+    biased = random_model(dataclasses.replace(tiny_config, attention_bias=True))
+    biased.model.layers[0].self_attn.k_proj.bias = None  # q and v with a bias, k without: not stackable
+    assert merge_projections(biased) is None
+
+
 def test_fp8_mode_refuses_the_cpu(tiny_config):
     from models.engine.fp8 import convert_to_fp8
     from models.engine.modes import load_for_mode
@@ -793,6 +833,33 @@ def test_gpu_fp8_mode_close_to_fp16(tiny_config):
     engine = Engine(model, EngineConfig(max_batch=4, max_context=128, cuda_graphs=True, graph_buckets=(1, 2, 4)))
     done = engine.generate(prompts(tiny_config.vocab_size), SamplingParams(max_tokens=8))
     assert all(len(c.token_ids) == 8 for c in done)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp8_quantize_kernel_is_the_reference_bit_for_bit():
+    """The FP8 baseline's fused per-row quantization against its torch ops: same e4m3 bytes, same
+    scales, over dtypes, odd and long rows, a zero row, strided rows and large values."""
+    from atom_ops import kernels
+    from models.engine.fp8 import quantize_fp8_rows, quantize_fp8_rows_reference
+
+    if not hasattr(kernels.extension(), "fp8_quantize_rows"):
+        pytest.skip("extension not built (or built before fp8_quantize_rows)")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    checked = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, k, scale in ((1, 4096, 1.0), (64, 4096, 3.0), (7, 11008, 0.01), (33, 100, 1e3), (5, 1, 1.0),
+                            (130, 14336, 20.0)):
+            x = (torch.randn(m, k + 8, generator=g) * scale).to("cuda", dtype)[:, :k]  # strided rows
+            x[m // 2] = 0  # an all-zero row: the 1e-12 floor
+            got, want = kernels.fp8_quantize_rows(x), quantize_fp8_rows_reference(x)
+            assert got is not None
+            assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)), (dtype, m, k)
+            assert torch.equal(got[1], want[1]), (dtype, m, k)
+            checked += 1
+    assert checked == 18
+    x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+    assert torch.equal(quantize_fp8_rows(x)[0].view(torch.uint8), quantize_fp8_rows_reference(x)[0].view(torch.uint8))
 
 
 @pytest.mark.gpu

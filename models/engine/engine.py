@@ -25,7 +25,7 @@ import torch
 
 from ..llama import rope_type
 from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, bucket_for, decode_buckets
-from .fused_layers import fuse_atom_layers
+from .fused_layers import fuse_atom_layers, merge_projections
 from .kv_cache import PageAllocator, make_pages, page_bytes, pages_for
 from .overlap import PLACEHOLDER, PendingDecode, TokenReadback
 from .runner import DeviceFeed, ModelRunner
@@ -48,7 +48,8 @@ class EngineConfig:
     static_decode_shapes: bool = False    # pad decode like the graphs do, without capturing (tests)
     overlap_decode: bool | None = None    # greedy decode steps one step late (overlap.py); None: with
                                           # cuda_graphs. Without graphs it pads like static_decode_shapes
-    fuse_atom_layers: bool = True         # fp16/bf16 Atom models: regrouped layers (fused_layers.py)
+    regroup_layers: bool = True           # one GEMM per projection group (q|k|v, gate|up) in every mode:
+                                          # fused Atom layers, merged fp16 / fp8 projections (fused_layers.py)
 
     def __post_init__(self):
         for name in ("max_batch", "page_size", "max_prefill_tokens"):
@@ -100,7 +101,7 @@ class Engine:
         self.pages = make_pages(model, num_pages, config.page_size, self.dtype, self.device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, config.max_batch, config.max_prefill_tokens)
-        self.fused = fuse_atom_layers(model) if config.fuse_atom_layers else None
+        self.fused = (fuse_atom_layers(model) or merge_projections(model)) if config.regroup_layers else None
         self.runner = ModelRunner(model, self.pages, config.page_size, self.pages_per_seq, self.device, self.fused)
         self.graphs = None
         if config.cuda_graphs:

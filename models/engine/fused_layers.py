@@ -1,4 +1,10 @@
-"""The decoder layers of an Atom model regrouped for serving: one kernel pair per projection group.
+"""The decoder layers regrouped for serving: one GEMM per projection group (q|k|v, gate|up).
+
+fp16 / fp8 models (MergedProjectionLayer): the group's weights stacked into one linear, as serving
+stacks do (vLLM's QKVParallelLinear, MergedColumnParallelLinear); the originals become views of the
+stacked weights (nothing held twice). The rest of the layer is llama.DecoderLayer's ops.
+
+Atom models (FusedAtomLayer): one kernel pair per projection group.
 
 A checkpoint's layer has seven AtomLinears and two RMSNorms in torch (models/llama.py), so every
 token pays the torch RMSNorm, three quantizations of the same normalized input (q, k, v), two of
@@ -26,6 +32,7 @@ staged for the sm90a kernels), on top of the engine's KV budget.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..llama import apply_rope
@@ -57,6 +64,22 @@ def concat_linears(lins: list[AtomLinear], row_order: Tensor | None = None) -> A
     return out
 
 
+def attend_qkv(attn, qkv: Tensor, split: tuple[int, int, int], B: int, T: int, cos: Tensor, sin: Tensor,
+               kv_cache=None) -> Tensor:
+    """llama.Attention.forward from the projected q|k|v rows [B * T, (Hq + 2 Hkv) D] up to o_proj's
+    input [B, T, Hq * D]: RoPE, then the paged cache's attend (or, without one, attention over T)."""
+    q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in qkv.split(split, dim=-1))
+    q = apply_rope(q, cos, sin)
+    if kv_cache is not None:
+        out = kv_cache.attend(q, k, v, cos, sin)
+    else:  # plain forward (no cache), as llama.Attention does it
+        k = apply_rope(k, cos, sin)
+        if attn.kv_quantizer is not None:
+            k, v = attn.kv_quantizer(k, v)
+        out = attn._attend(q, k, v)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
 class FusedAtomLayer(nn.Module):
     def __init__(self, layer, qkv: AtomLinear, gate_up: AtomLinear):
         super().__init__()
@@ -70,26 +93,17 @@ class FusedAtomLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache=None) -> Tensor:
         """llama.DecoderLayer.forward for x [B, T, hidden] in fp16/bf16."""
         B, T, H = x.shape
-        a = self.attn
         x2 = x.reshape(B * T, H)
         qkv = self.qkv(x2, "rmsnorm", self.norm1.weight, self.norm1.eps)
-        q, k, v = (t.view(B, T, -1, a.head_dim).transpose(1, 2) for t in qkv.split(self.split, dim=-1))
-        q = apply_rope(q, cos, sin)
-        if kv_cache is not None:
-            out = kv_cache.attend(q, k, v, cos, sin)
-        else:  # plain forward (no cache), as llama.Attention does it
-            k = apply_rope(k, cos, sin)
-            if a.kv_quantizer is not None:
-                k, v = a.kv_quantizer(k, v)
-            out = a._attend(q, k, v)
-        h = self.o_proj(out.transpose(1, 2).reshape(B * T, -1), residual=x2)
+        out = attend_qkv(self.attn, qkv, self.split, B, T, cos, sin, kv_cache)
+        h = self.o_proj(out.reshape(B * T, -1), residual=x2)
         gate_up = self.gate_up(h, "rmsnorm", self.norm2.weight, self.norm2.eps)
         return self.down_proj(gate_up, "silu_mul", residual=h, input_permuted=True).view(B, T, H)
 
 
-class FusedAtomModel(nn.Module):
-    """llama.LlamaModel.forward over FusedAtomLayers (embedding, RoPE and final norm shared with
-    the model)."""
+class RegroupedModel(nn.Module):
+    """llama.LlamaModel.forward over regrouped layers (FusedAtomLayer, MergedProjectionLayer; embedding,
+    RoPE and final norm shared with the model)."""
 
     def __init__(self, model, layers: list[FusedAtomLayer]):
         super().__init__()
@@ -100,7 +114,7 @@ class FusedAtomModel(nn.Module):
         return self.inner(input_ids, positions, kv_cache, layers=self.layers)
 
 
-def fuse_atom_layers(model) -> FusedAtomModel | None:
+def fuse_atom_layers(model) -> RegroupedModel | None:
     """The serving body of an Atom model in fp16/bf16 whose every layer can be regrouped, else None."""
     if model.model.embed_tokens.weight.dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -110,6 +124,82 @@ def fuse_atom_layers(model) -> FusedAtomModel | None:
     if not all(_share_quantization(qkv) and _share_quantization(gate_up) and _bias_free_atom(layer.self_attn.o_proj)
                and _bias_free_atom(layer.mlp.down_proj) for layer, (qkv, gate_up) in zip(layers, groups)):
         return None  # checked for every layer before copying any weight
-    return FusedAtomModel(model, [FusedAtomLayer(layer, concat_linears(qkv),
+    return RegroupedModel(model, [FusedAtomLayer(layer, concat_linears(qkv),
                                                  concat_linears(gate_up, row_order=layer.mlp.down_proj.perm))
+                                  for layer, (qkv, gate_up) in zip(layers, groups)])
+
+
+# ------------------------------------------------------------------ fp16 / fp8 models: merged projections
+
+class MergedProjectionLayer(nn.Module):
+    """llama.DecoderLayer with q|k|v and gate|up each one GEMM (for fp8, one activation quantization):
+    what serving stacks do for every dtype (vLLM's QKVParallelLinear, MergedColumnParallelLinear), so
+    the fp16 and fp8 baselines get the regrouping the Atom layers get. Same ops otherwise."""
+
+    def __init__(self, layer, qkv: nn.Module, gate_up: nn.Module):
+        super().__init__()
+        attn = layer.self_attn
+        self.attn, self.mlp, self.qkv, self.gate_up = attn, layer.mlp, qkv, gate_up
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        d = attn.head_dim
+        self.split = (attn.n_heads * d, attn.n_kv_heads * d, attn.n_kv_heads * d)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache=None) -> Tensor:
+        B, T, H = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B * T, -1)
+        x = x + self.attn.o_proj(attend_qkv(self.attn, qkv, self.split, B, T, cos, sin, kv_cache))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.mlp.down_proj(F.silu(gate) * up)
+
+
+def stackable(lins: list[nn.Module]) -> bool:
+    """Whether stack_linears takes these: all nn.Linear or all bias-free Fp8Linear, one input size."""
+    from .fp8 import Fp8Linear
+
+    first = lins[0]
+    same = all(type(m) is type(first) and m.in_features == first.in_features for m in lins)
+    if type(first) is nn.Linear:
+        return same and all((m.bias is None) == (first.bias is None) for m in lins)
+    return same and type(first) is Fp8Linear and all(m.bias is None for m in lins)
+
+
+def stack_linears(lins: list[nn.Module]) -> nn.Module:
+    """One module computing all `lins` (stackable; outputs concatenated in order). The stacked weights
+    are new tensors and each original's weights become views of its rows in them, so nothing is held
+    twice and the model computes as before."""
+    from .fp8 import Fp8Linear
+
+    first, n = lins[0], sum(m.out_features for m in lins)
+    if type(first) is Fp8Linear:  # [N, K] e4m3 rows, [1, N] scales
+        return Fp8Linear.from_quantized(_restack(lins, "weight_fp8", 0), _restack(lins, "weight_scale", 1))
+    out = nn.Linear(first.in_features, n, bias=first.bias is not None, device="meta")
+    out.weight = nn.Parameter(_restack(lins, "weight", 0), requires_grad=False)
+    if first.bias is not None:
+        out.bias = nn.Parameter(_restack(lins, "bias", 0), requires_grad=False)
+    return out
+
+
+def _restack(lins: list[nn.Module], name: str, dim: int) -> Tensor:
+    """The lins' tensors `name` concatenated along dim; each lin's own becomes a view of its part
+    (a Parameter stays a Parameter, a buffer a buffer)."""
+    stacked = torch.cat([getattr(m, name).detach() for m in lins], dim=dim)
+    start = 0
+    for m in lins:
+        old = getattr(m, name)
+        part = stacked.narrow(dim, start, old.shape[dim])
+        setattr(m, name, nn.Parameter(part, requires_grad=False) if isinstance(old, nn.Parameter) else part)
+        start += old.shape[dim]
+    return stacked
+
+
+def merge_projections(model) -> RegroupedModel | None:
+    """The serving body of an fp16 / fp8 model with q|k|v and gate|up merged in every layer (Llama's
+    MLP: gate and up of one size), else None (other projection types, e.g. an Atom model's)."""
+    layers = list(model.model.layers)
+    groups = [([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+               [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
+    if not all(stackable(qkv) and stackable(gate_up) and gate_up[0].out_features == gate_up[1].out_features
+               for qkv, gate_up in groups):
+        return None  # checked for every layer before any weight is restacked
+    return RegroupedModel(model, [MergedProjectionLayer(layer, stack_linears(qkv), stack_linears(gate_up))
                                   for layer, (qkv, gate_up) in zip(layers, groups)])

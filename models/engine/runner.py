@@ -31,7 +31,7 @@ class DeviceFeed(NamedTuple):
 class ModelRunner:
     def __init__(self, model, pages, page_size: int, max_pages_per_seq: int, device: torch.device, body=None):
         """`body`: what maps (input_ids, positions, batch) to final hidden states, default the model's
-        LlamaModel (fused_layers.FusedAtomModel for a served Atom model)."""
+        LlamaModel (fused_layers.RegroupedModel: the merged projections)."""
         self.model, self.pages, self.page_size = model, pages, page_size
         self.body = body if body is not None else model.model
         self.max_pages_per_seq, self.device = max_pages_per_seq, device
