@@ -207,37 +207,50 @@ def quantize_rows(x: torch.Tensor, spec, perm: torch.Tensor | None, clip: float,
     return a, st
 
 
+# int32 copies of permutations that a CUDA graph may have captured: kept alive for good once their
+# permutation changed, since a graph replays the pointer it saw (a few KB each, and perms of a served
+# model do not change)
+_CAPTURED_PERMS: list[torch.Tensor] = []
+
+
 def int32_perm(perm: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """perm as the contiguous int32 tensor on dev that the quantization kernel reads. Models keep
     int64 permutations (checkpoint format), and converting at every call cost a copy kernel per
     quantized linear (3 of a decode step's ~14 kernels per layer), so the converted copy is kept on
-    the tensor itself, valid while perm's version counter (bumped by any in-place write, through
-    any view) and the device are unchanged. Not cached while a CUDA graph is being captured (the
-    copy would live in the graph's pool)."""
+    the tensor itself, valid while perm's data pointer (a copy of the tensor, a deepcopy or a loaded
+    pickle, has its own), version counter (bumped by any in-place write through any view; writes
+    through ``.data`` are not seen) and the device are unchanged. Not made while a CUDA graph is being
+    captured (it would live in the graph's pool); one that a capture used outlives its replacement."""
     if _is_plain(perm, dev, torch.int32):
         return perm
     try:
-        version = perm._version
+        key = (perm.data_ptr(), perm._version, dev)
     except RuntimeError:  # an inference tensor: no version counter, so nothing to validate a copy by
-        version = None
-    cached = getattr(perm, "_atom_int32", None)
-    if version is not None and cached is not None and cached[0] == version and cached[1].device == dev:
-        return cached[1]
+        key = None
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    cached = perm.__dict__.get("_atom_int32")
+    if key is not None and cached is not None:
+        if cached[0] == key:
+            if capturing:
+                cached[2] = True  # a graph holds its pointer now
+            return cached[1]
+        if cached[2]:
+            _CAPTURED_PERMS.append(cached[1])
     with on_device(dev):
         perm32 = perm.to(device=dev, dtype=torch.int32).contiguous()
-        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if version is not None and not capturing:
-        perm._atom_int32 = (version, perm32)
+    if key is not None and not capturing:
+        perm._atom_int32 = [key, perm32, False]  # [key, copy, captured]
     return perm32
 
 
 def fp8_quantize_rows(x: torch.Tensor):
     """The FP8 baseline's per-row e4m3 quantization (models/engine/fp8.py) in one kernel:
     (fp8 [M, K], fp32 scales [M, 1]), or None when it does not run here (no extension or one built
-    before it, a CPU tensor, another dtype, rows not contiguous); the caller then runs torch's ops."""
+    before it, a CPU tensor, another dtype, rows not contiguous or overlapping); the caller then runs
+    torch's ops."""
     ext = extension()
     if (ext is None or not x.is_cuda or x.dim() != 2 or x.dtype not in _X_DTYPE_CODE or x.stride(-1) != 1
-            or not hasattr(ext, "fp8_quantize_rows")):
+            or (x.shape[0] > 1 and x.stride(0) < x.shape[1]) or not hasattr(ext, "fp8_quantize_rows")):
         return None
     m, k = x.shape
     out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)

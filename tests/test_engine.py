@@ -169,6 +169,15 @@ def test_engine_attention_keeps_cudnn_out(tiny_config, kv_format, monkeypatch):
     engine.generate(prompts(tiny_config.vocab_size, (5, 11, 3)), SamplingParams(max_tokens=3, ignore_eos=True))
     assert seen and not any(seen)  # chunks of 8 tokens: prefixes cached, a masked call among them
     assert torch.backends.cuda.cudnn_sdp_enabled()
+    # backends the process turned off stay off (only cuDNN is taken out)
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        with attention.shape_stable_sdpa():
+            assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
 
 
 def test_prefill_host_layout(tiny_config):
@@ -668,6 +677,9 @@ def test_merged_projections_match_the_layers_they_stack(tiny_config):
             x = layer(x, cos, sin)
     engine = Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=2))
     assert engine.runner.body is engine.fused and isinstance(engine.fused.layers[0], MergedProjectionLayer)
+    again = Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=2))  # views, not a second copy
+    assert again.fused.layers[0].qkv.weight.data_ptr() == engine.fused.layers[0].qkv.weight.data_ptr()
+    assert attn.q_proj.weight.data_ptr() == engine.fused.layers[0].qkv.weight.data_ptr()
     assert Engine(model, EngineConfig(page_size=4, max_context=64, max_batch=2, regroup_layers=False)).fused is None
     # fp8 projections stack their e4m3 rows and per-channel scales (forward: GPU test)
     lins = [Fp8Linear(torch.nn.Linear(32, n, bias=False)) for n in (16, 48)]
@@ -859,6 +871,11 @@ def test_gpu_fp8_quantize_kernel_is_the_reference_bit_for_bit():
             checked += 1
     assert checked == 18
     x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")  # NaN propagates as in torch (amax, clamp); inf / inf too
+    got, want = kernels.fp8_quantize_rows(x), quantize_fp8_rows_reference(x)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
+    assert got[0][1].float().isnan().all() and got[0][2].float().isnan().sum() == 1
     assert torch.equal(quantize_fp8_rows(x)[0].view(torch.uint8), quantize_fp8_rows_reference(x)[0].view(torch.uint8))
 
 

@@ -71,6 +71,14 @@ def test_op_errors_name_the_problem():
         quant_ops.quantize_activation(x[0], spec)
 
 
+def _saved(t: torch.Tensor) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
 def test_int32_perm_is_kept_until_the_permutation_changes():
     """The kernel's int32 copy of a model's int64 permutation is made once, not per call, and
     remade after any in-place write (directly or through a view)."""
@@ -84,6 +92,18 @@ def test_int32_perm_is_kept_until_the_permutation_changes():
     assert second is not first and torch.equal(second.long(), perm)
     perm.view(8, 8)[3].copy_(perm.view(8, 8)[3].flip(0))
     assert torch.equal(kernels.int32_perm(perm, cpu).long(), perm)
+    import copy
+    import io
+
+    # copies carry the cached entry along and restart the version counter, so a copy of a tensor
+    # written to after its last conversion could match a stale entry by version alone
+    for make_twin in (copy.deepcopy, lambda t: torch.load(io.BytesIO(_saved(t)))):
+        fresh = torch.randperm(64)
+        fresh[:2] = fresh[:2].flip(0).clone()
+        kernels.int32_perm(fresh, cpu)
+        fresh[2:4] = fresh[2:4].flip(0).clone()
+        twin = make_twin(fresh)
+        assert torch.equal(kernels.int32_perm(twin, cpu).long(), twin)
     plain = perm.int()
     assert kernels.int32_perm(plain, cpu) is plain
     with torch.inference_mode():  # no version counter: converted every time, never stale

@@ -109,12 +109,19 @@ def equal_segment_runs(segments) -> list[tuple[int, int, int, int]]:
 # efficient kernels, which need no per-shape build; at equal 1024-token prompts flash is slower per
 # call ([8, 32, 1024, 128]: 319 vs 194 us) but the prefill steps change by less than their noise.
 SHAPE_STABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_ENABLED = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+            SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+            SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled}
 
 
 def shape_stable_sdpa():
-    """``with shape_stable_sdpa():`` keeps cuDNN out of the SDPA calls inside (a no-op when it is off
-    already: the context manager costs ~13 us of host time, so a prefill step enters it once)."""
-    return sdpa_kernel(SHAPE_STABLE_BACKENDS) if torch.backends.cuda.cudnn_sdp_enabled() else nullcontext()
+    """``with shape_stable_sdpa():`` keeps cuDNN out of the SDPA calls inside, leaving the other
+    backends as the process has them (a no-op when cuDNN is off already, or is all that is on: the
+    context manager costs ~13 us of host time, so a prefill step enters it once)."""
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return nullcontext()
+    allowed = [b for b in SHAPE_STABLE_BACKENDS if _ENABLED[b]()]
+    return sdpa_kernel(allowed) if allowed else nullcontext()
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:

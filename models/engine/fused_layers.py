@@ -181,15 +181,35 @@ def stack_linears(lins: list[nn.Module]) -> nn.Module:
 
 def _restack(lins: list[nn.Module], name: str, dim: int) -> Tensor:
     """The lins' tensors `name` concatenated along dim; each lin's own becomes a view of its part
-    (a Parameter stays a Parameter, a buffer a buffer)."""
-    stacked = torch.cat([getattr(m, name).detach() for m in lins], dim=dim)
+    (a Parameter stays a Parameter with its requires_grad, a buffer a buffer). Tensors that already
+    are consecutive parts of one storage (an earlier engine's restack) are viewed, not copied again."""
+    parts = [getattr(m, name) for m in lins]
+    shape = list(parts[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in parts)
+    joined = _joined_view(parts, dim, shape)
+    if joined is not None:
+        return joined
+    stacked = torch.cat([t.detach() for t in parts], dim=dim)
     start = 0
-    for m in lins:
-        old = getattr(m, name)
+    for m, old in zip(lins, parts):
         part = stacked.narrow(dim, start, old.shape[dim])
-        setattr(m, name, nn.Parameter(part, requires_grad=False) if isinstance(old, nn.Parameter) else part)
+        setattr(m, name, nn.Parameter(part, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else part)
         start += old.shape[dim]
     return stacked
+
+
+def _joined_view(parts: list[Tensor], dim: int, shape: list[int]) -> Tensor | None:
+    """One contiguous tensor of `shape` over `parts` when they lie back to back in one storage in
+    order (contiguous, and `dim` the first dimension of size > 1, so concatenation is adjacency)."""
+    first = parts[0]
+    if any(n != 1 for n in first.shape[:dim]) or not all(t.is_contiguous() for t in parts):
+        return None
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    for t in parts:
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, first.storage_offset(), shape).detach()
 
 
 def merge_projections(model) -> RegroupedModel | None:
