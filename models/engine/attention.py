@@ -24,9 +24,8 @@ SDPA with is_causal over exactly its tokens (the flash kernels) instead of an ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +106,8 @@ def equal_segment_runs(segments) -> list[tuple[int, int, int, int]]:
 # nearly every prompt: 64 prompts of 256-1024 tokens (Llama-7B, 8 layers) took the atom mode's prefill
 # phase 5.0 s with it and 0.22 s without. So the engine's SDPA calls run on torch's flash / memory-
 # efficient kernels, which need no per-shape build; at equal 1024-token prompts flash is slower per
-# call ([8, 32, 1024, 128]: 319 vs 194 us) but the prefill steps change by less than their noise.
+# call ([8, 32, 1024, 128]: 279 vs 160 us, bench.sdpa_backends) but the prefill steps change by less
+# than their noise.
 SHAPE_STABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _ENABLED = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
             SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
@@ -162,8 +162,7 @@ def paged_attention(q: Tensor, pages, layer: int, block_tables: Tensor, context_
         # token) its mask, so they go in as that head's query rows; no copy of K and V per query head
         q_pos = context_lens[:, None, None, None] - 1                              # [B, 1, 1, 1]
         visible = torch.arange(L, device=q.device)[None, None, None, :] <= q_pos   # [B, 1, 1, L]
-        out = sdpa(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=visible,
-                                             scale=D ** -0.5)
+        out = sdpa(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=visible, scale=D ** -0.5)
         return out.reshape(B, Hq, 1, D)
     if T == context:  # the chunk is the whole sequence so far: plain causal attention
         # GQA (each kv head serves Hq / Hkv consecutive query heads) through SDPA's enable_gqa: the

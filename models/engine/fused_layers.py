@@ -80,6 +80,12 @@ def attend_qkv(attn, qkv: Tensor, split: tuple[int, int, int], B: int, T: int, c
     return out.transpose(1, 2).reshape(B, T, -1)
 
 
+def projection_groups(layers) -> list[tuple[list[nn.Module], list[nn.Module]]]:
+    """Each decoder layer's ([q, k, v], [gate, up]) projections: the groups the regrouped layers merge."""
+    return [([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+             [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
+
+
 class FusedAtomLayer(nn.Module):
     def __init__(self, layer, qkv: AtomLinear, gate_up: AtomLinear):
         super().__init__()
@@ -105,7 +111,7 @@ class RegroupedModel(nn.Module):
     """llama.LlamaModel.forward over regrouped layers (FusedAtomLayer, MergedProjectionLayer; embedding,
     RoPE and final norm shared with the model)."""
 
-    def __init__(self, model, layers: list[FusedAtomLayer]):
+    def __init__(self, model, layers: list[nn.Module]):
         super().__init__()
         self.inner = model.model
         self.layers = nn.ModuleList(layers)
@@ -119,8 +125,7 @@ def fuse_atom_layers(model) -> RegroupedModel | None:
     if model.model.embed_tokens.weight.dtype not in (torch.float16, torch.bfloat16):
         return None
     layers = list(model.model.layers)
-    groups = [([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-               [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
+    groups = projection_groups(layers)
     if not all(_share_quantization(qkv) and _share_quantization(gate_up) and _bias_free_atom(layer.self_attn.o_proj)
                and _bias_free_atom(layer.mlp.down_proj) for layer, (qkv, gate_up) in zip(layers, groups)):
         return None  # checked for every layer before copying any weight
@@ -184,9 +189,7 @@ def _restack(lins: list[nn.Module], name: str, dim: int) -> Tensor:
     (a Parameter stays a Parameter with its requires_grad, a buffer a buffer). Tensors that already
     are consecutive parts of one storage (an earlier engine's restack) are viewed, not copied again."""
     parts = [getattr(m, name) for m in lins]
-    shape = list(parts[0].shape)
-    shape[dim] = sum(t.shape[dim] for t in parts)
-    joined = _joined_view(parts, dim, shape)
+    joined = _joined_view(parts, dim)
     if joined is not None:
         return joined
     stacked = torch.cat([t.detach() for t in parts], dim=dim)
@@ -198,10 +201,12 @@ def _restack(lins: list[nn.Module], name: str, dim: int) -> Tensor:
     return stacked
 
 
-def _joined_view(parts: list[Tensor], dim: int, shape: list[int]) -> Tensor | None:
-    """One contiguous tensor of `shape` over `parts` when they lie back to back in one storage in
-    order (contiguous, and `dim` the first dimension of size > 1, so concatenation is adjacency)."""
+def _joined_view(parts: list[Tensor], dim: int) -> Tensor | None:
+    """torch.cat(parts, dim) as a view when they lie back to back in one storage in order
+    (contiguous, and `dim` the first dimension of size > 1, so concatenation is adjacency)."""
     first = parts[0]
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in parts)
     if any(n != 1 for n in first.shape[:dim]) or not all(t.is_contiguous() for t in parts):
         return None
     storage, offset = first.untyped_storage(), first.storage_offset()
@@ -216,8 +221,7 @@ def merge_projections(model) -> RegroupedModel | None:
     """The serving body of an fp16 / fp8 model with q|k|v and gate|up merged in every layer (Llama's
     MLP: gate and up of one size), else None (other projection types, e.g. an Atom model's)."""
     layers = list(model.model.layers)
-    groups = [([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-               [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
+    groups = projection_groups(layers)
     if not all(stackable(qkv) and stackable(gate_up) and gate_up[0].out_features == gate_up[1].out_features
                for qkv, gate_up in groups):
         return None  # checked for every layer before any weight is restacked
