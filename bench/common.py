@@ -121,8 +121,9 @@ def write_json(path: Path, bench: str, rows: list[dict], command: str | None = N
 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
-    """Format dict rows as an aligned text table (returns and prints it)."""
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    """Format dict rows as an aligned text table (returns and prints it); a missing cell prints
+    "-" (a blank one would shift the columns for a reader splitting on whitespace)."""
+    cells = [[str(r.get(c, "-")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]

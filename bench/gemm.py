@@ -132,7 +132,7 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
             out["torch_w4a16"] = time_cuda(fn, iters, flush=flush, graph=graph)
         except (RuntimeError, TypeError, AttributeError) as e:
             out["torch_w4a16"] = {"error": str(e).splitlines()[0][:160]}
-    if "atom" in impls:
+    if "atom" in impls or "atom_kernel" in impls:  # atom_kernel times the kernel that atom dispatches
         try:
             o = formats.choose_outliers(k, group, 128)
             spec = formats.QuantSpec(k, group, o)
@@ -144,7 +144,8 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
             r = time_cuda(fn, iters, flush=flush, graph=graph)
             # what the op ran (the forced kernel, else the tuning table's choice or the dispatch)
             r["kernel"], r["split_k"] = ((kernel, 0) if kernel else kernels.dispatched_kernel(a, wq, torch.float16))
-            out["atom"] = r
+            if "atom" in impls:
+                out["atom"] = r
             if kernels.kernel_family(r["kernel"]) == "wgmma" and "atom_kernel" in impls:
                 # The Hopper family alone on pre-staged operands (what a fused quantize kernel
                 # feeds it); "atom" above also stages the activation with torch ops per call.
@@ -156,7 +157,7 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
                 rk["kernel"] = r["kernel"]
                 out["atom_kernel"] = rk
         except (RuntimeError, formats.FormatError) as e:
-            out["atom"] = {"error": str(e).splitlines()[0][:160]}
+            out["atom" if "atom" in impls else "atom_kernel"] = {"error": str(e).splitlines()[0][:160]}
     if kernel_list:
         # Each listed wgmma kernel alone on the same pre-staged operands (tiles, schedules):
         # what atom_kernel times for the dispatched one.

@@ -464,6 +464,31 @@ def test_gpu_append_bit_exact():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("d, dtype", [(128, torch.float16), (64, torch.bfloat16)])
+def test_gpu_append_unaligned_rows_bit_exact(d, dtype):
+    """Rows that start at odd elements (ld = kv_heads * d + 1, one element in): the kernel's
+    element-wise loads instead of its one vector load per lane; RoPE tables misaligned too."""
+    n, hkv, group, ps = 37, 4, 32, 16
+    g = torch.Generator().manual_seed(7)
+    ld = hkv * d + 1
+    buf = (torch.randn(2 * n * ld + 2, generator=g) * 4).to(dtype).to(GPU)
+    k = buf[1:].as_strided((n, hkv, d), (ld, d, 1))
+    v = buf[n * ld + 1:].as_strided((n, hkv, d), (ld, d, 1))
+    cos_t, sin_t = rope_tables(n, d, dtype, 3, GPU)
+    cos = torch.cat([cos_t.new_zeros(n, 1), cos_t], dim=1)[:, 1:]  # rows d + 1 apart, odd start
+    sin = torch.cat([sin_t.new_zeros(n, 1), sin_t], dim=1)[:, 1:]
+    pages = math.ceil(n / ps) + 2
+    slots = torch.randperm(pages * ps, generator=g)[:n].to(GPU)
+    base = [random_pool(pages, ps, hkv, d, group, s, GPU) for s in (1, 2)]
+    got, want = [tuple(t.clone() for t in p) for p in base], [tuple(t.clone() for t in p) for p in base]
+    A.kv4_append(k, v, slots, got[0], got[1], cos, sin)
+    A.kv4_append_reference(k, v, slots, want[0], want[1], cos, sin)
+    for a, b in zip(got, want):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("d, group, ps, dtype, index_dtype", [
     (64, 64, 16, torch.float16, torch.int64), (128, 32, 32, torch.bfloat16, torch.int32),
     (128, 128, 16, torch.float16, torch.int32), (64, 32, 7, torch.bfloat16, torch.int64)])
