@@ -849,6 +849,31 @@ def test_gpu_fp8_mode_close_to_fp16(tiny_config):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_merged_layers_with_the_fused_norm_track_the_model(tiny_config):
+    """On a GPU the baseline modes' merged layers run torch's fused RMSNorm (one rounding where the
+    model's HF-order norm has two) and fp8 writes the model dtype from the GEMM where torch allows:
+    each layer stays within fp16 rounding of the model's own layer, and fp8 outputs are fp16."""
+    from models.engine.fp8 import Fp8Linear, rowwise_out_ok
+    from models.engine.fused_layers import merge_projections
+
+    model = _to_cuda_half(random_model(tiny_config))
+    ids = torch.tensor([prompts(tiny_config.vocab_size)[1]], device="cuda")
+    positions = torch.arange(ids.shape[1], device="cuda")[None]
+    with torch.no_grad():
+        merged = merge_projections(model)
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary_emb(positions, x.dtype)
+        for layer, merged_layer in zip(model.model.layers, merged.layers):
+            want, got = layer(x, cos, sin), merged_layer(x, cos, sin)
+            assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max(), "merged layer drifted"
+            x = want
+        lin = Fp8Linear(torch.nn.Linear(64, 32, bias=False).cuda().half())
+        y = lin(torch.randn(5, 64, device="cuda", dtype=torch.float16))
+    assert y.dtype == torch.float16 and isinstance(rowwise_out_ok(torch.float16, y.device), bool)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_fp8_quantize_kernel_is_the_reference_bit_for_bit():
     """The FP8 baseline's fused per-row quantization against its torch ops: same e4m3 bytes, same
     scales, over dtypes, odd and long rows, a zero row, strided rows and large values."""

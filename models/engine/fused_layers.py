@@ -151,10 +151,21 @@ class MergedProjectionLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache=None) -> Tensor:
         B, T, H = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(B * T, -1)
+        qkv = self.qkv(rms_norm(self.norm1, x)).reshape(B * T, -1)
         x = x + self.attn.o_proj(attend_qkv(self.attn, qkv, self.split, B, T, cos, sin, kv_cache))
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        gate, up = self.gate_up(rms_norm(self.norm2, x)).chunk(2, dim=-1)
         return x + self.mlp.down_proj(F.silu(gate) * up)
+
+
+def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """The baseline modes' RMSNorm: on a GPU torch's fused kernel (F.rms_norm, one launch) as a
+    serving stack runs it, instead of the model's HF-order sequence (fp32 cast, pow, mean, rsqrt,
+    two multiplies, cast back: ~7 kernels and fp32 intermediates per call). It rounds once where HF
+    rounds the normalized value before the weight multiply, so outputs can differ by an fp16 ulp.
+    On the CPU the model's own module (the reference's numerics)."""
+    if x.is_cuda:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
 
 
 def stackable(lins: list[nn.Module]) -> bool:
