@@ -466,8 +466,8 @@ def test_gpu_append_bit_exact():
 @needs_gpu
 @pytest.mark.parametrize("d, dtype", [(128, torch.float16), (64, torch.bfloat16)])
 def test_gpu_append_unaligned_rows_bit_exact(d, dtype):
-    """Rows that start at odd elements (ld = kv_heads * d + 1, one element in): the kernel's
-    element-wise loads instead of its one vector load per lane; RoPE tables misaligned too."""
+    """Rows that start at odd elements (ld = kv_heads * d + 1, one element in) and RoPE tables
+    misaligned the same way: the kernel must not assume vector alignment of its inputs."""
     n, hkv, group, ps = 37, 4, 32, 16
     g = torch.Generator().manual_seed(7)
     ld = hkv * d + 1

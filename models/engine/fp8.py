@@ -53,7 +53,7 @@ def rowwise_out_ok(dtype: torch.dtype, device: torch.device) -> bool:
             try:
                 torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().contiguous(), out_dtype=dtype)
                 _ROWWISE_OUT[key] = True
-            except RuntimeError:
+            except (RuntimeError, NotImplementedError, TypeError):  # torch refuses the dtype
                 _ROWWISE_OUT[key] = False
     return _ROWWISE_OUT[key]
 
