@@ -714,11 +714,13 @@ def test_fp8_linear_is_the_per_channel_per_token_e4m3_product():
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(3, 5, 64)
     fp8 = Fp8Linear(lin)
-    try:
-        with torch.no_grad():
-            got = fp8(x)
+    try:  # whether this torch build has a CPU _scaled_mm at all (row-wise scales, bf16 out)
+        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"torch._scaled_mm does not run on this CPU build: {e}")
+    with torch.no_grad():
+        got = fp8(x)  # Fp8Linear's own CPU path must then run (no CUDA call in it)
     xq, sx = quantize_fp8_rows(x.reshape(-1, 64))
     ref = (xq.float() * sx) @ (fp8.weight_fp8.float() * fp8.weight_scale.T).T + lin.bias
     assert torch.allclose(got.reshape(-1, 32), ref.detach(), rtol=1e-2, atol=1e-2)

@@ -41,6 +41,8 @@ def rowwise_out_ok(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether torch._scaled_mm with row-wise scales writes `dtype` on this device (older torch
     accepts only bf16 there). Probed once per (dtype, device) with a 16 x 16 product, outside any
     CUDA graph capture (the engine runs every layer eagerly before it captures)."""
+    if device.type != "cuda":
+        return dtype == torch.bfloat16  # CPU builds of _scaled_mm: keep the bf16 output (no CUDA calls here)
     key = (dtype, device.type, device.index)
     if key not in _ROWWISE_OUT:
         if dtype == torch.bfloat16:
