@@ -39,24 +39,24 @@ _ROWWISE_OUT: dict[tuple, bool] = {}
 
 def rowwise_out_ok(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether torch._scaled_mm with row-wise scales writes `dtype` on this device (older torch
-    accepts only bf16 there). Probed once per (dtype, device) with a 16 x 16 product, outside any
-    CUDA graph capture (the engine runs every layer eagerly before it captures)."""
+    accepts only bf16 there). Probed once per (dtype, GPU) with a 16 x 16 product, outside any CUDA
+    graph capture (the engine runs every layer eagerly before it captures); on the CPU no probe (it
+    would be a CUDA call) and bf16 only."""
+    if dtype == torch.bfloat16:
+        return True
     if device.type != "cuda":
-        return dtype == torch.bfloat16  # CPU builds of _scaled_mm: keep the bf16 output (no CUDA calls here)
-    key = (dtype, device.type, device.index)
+        return False
+    key = (dtype, device.index)
     if key not in _ROWWISE_OUT:
-        if dtype == torch.bfloat16:
-            _ROWWISE_OUT[key] = True
-        elif torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
             return False  # no probe inside a capture; bf16 + cast is always valid
-        else:
-            a = torch.zeros(16, 16, device=device).to(FP8)
-            s = torch.ones(16, 1, device=device)
-            try:
-                torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().contiguous(), out_dtype=dtype)
-                _ROWWISE_OUT[key] = True
-            except (RuntimeError, NotImplementedError, TypeError):  # torch refuses the dtype
-                _ROWWISE_OUT[key] = False
+        a = torch.zeros(16, 16, device=device).to(FP8)
+        s = torch.ones(16, 1, device=device)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().contiguous(), out_dtype=dtype)
+            _ROWWISE_OUT[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):  # torch refuses the dtype
+            _ROWWISE_OUT[key] = False
     return _ROWWISE_OUT[key]
 
 
@@ -91,9 +91,7 @@ class Fp8Linear(nn.Module):
         # bf16 and a cast (a whole extra pass over the output: 8 of 50 ms per prefill step).
         out_dtype = x.dtype if rowwise_out_ok(x.dtype, x.device) else torch.bfloat16
         y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             out_dtype=out_dtype)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+                             out_dtype=out_dtype).to(x.dtype)  # no copy when it is x's dtype already
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
