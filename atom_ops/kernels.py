@@ -243,25 +243,50 @@ def int32_perm(perm: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return perm32
 
 
-def fp8_quantize_rows(x: torch.Tensor):
+def _rows_for_kernel(x: torch.Tensor, ext, entry: str) -> bool:
+    """x is a 2-D CUDA tensor of a kernel dtype with unit-stride, non-overlapping rows, and the extension
+    has `entry` (one built before it does not)."""
+    return (ext is not None and x.is_cuda and x.dim() == 2 and x.dtype in _X_DTYPE_CODE and x.stride(-1) == 1
+            and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]) and hasattr(ext, entry))
+
+
+def fp8_quantize_rows(x: torch.Tensor, silu_mul: bool = False):
     """The FP8 baseline's per-row e4m3 quantization (models/engine/fp8.py) in one kernel:
     (fp8 [M, K], fp32 scales [M, 1]), or None when it does not run here (no extension or one built
     before it, a CPU tensor, another dtype, rows not contiguous or overlapping); the caller then runs
-    torch's ops."""
+    torch's ops. silu_mul: x is [M, 2K] = [gate | up] and the rows quantized are silu(gate) * up in x's
+    dtype (quant_ops.silu_mul_reference), as a serving stack fuses its MLP's activation quantization."""
     ext = extension()
-    if (ext is None or not x.is_cuda or x.dim() != 2 or x.dtype not in _X_DTYPE_CODE or x.stride(-1) != 1
-            or (x.shape[0] > 1 and x.stride(0) < x.shape[1]) or not hasattr(ext, "fp8_quantize_rows")):
+    if not _rows_for_kernel(x, ext, "silu_mul" if silu_mul else "fp8_quantize_rows") or (silu_mul and x.shape[1] % 2):
         return None
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // (2 if silu_mul else 1)
     out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out, scale.fill_(1e-12)
     dev = x.device
     with on_device(dev):
-        ext.fp8_quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0) if m > 1 else k, out.data_ptr(),
-                              scale.data_ptr(), m, k, raw_stream(dev))
+        ext.fp8_quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0) if m > 1 else x.shape[1],
+                              out.data_ptr(), scale.data_ptr(), m, k, raw_stream(dev), int(silu_mul))
     return out, scale
+
+
+def silu_mul(x: torch.Tensor):
+    """silu(gate) * up for x = [gate | up] ([M, 2K] -> [M, K], x's dtype) in one kernel, bit for bit
+    quant_ops.silu_mul_reference (torch's F.silu(gate) * up): the fp16 baseline's MLP activation, as a
+    serving stack runs it (vLLM's silu_and_mul). None where it does not run (as fp8_quantize_rows)."""
+    ext = extension()
+    if not _rows_for_kernel(x, ext, "silu_mul") or x.shape[1] % 2:
+        return None
+    m, k = x.shape[0], x.shape[1] // 2
+    out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if m == 0 or k == 0:
+        return out
+    dev = x.device
+    with on_device(dev):
+        ext.silu_mul(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0) if m > 1 else x.shape[1], out.data_ptr(),
+                     m, k, raw_stream(dev))
+    return out
 
 
 def _is_plain(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> bool:

@@ -727,6 +727,28 @@ def test_fp8_linear_is_the_per_channel_per_token_e4m3_product():
     assert (got - lin(x)).abs().max() < 0.1 * lin(x).abs().max()  # and close to the float layer
 
 
+def test_baseline_mlp_tail_is_down_of_silu_gate_times_up():
+    """silu_mul_down (the fp16 / fp8 layers' MLP tail) computes down(silu(gate) * up) from the merged
+    gate_up output: on the CPU through torch's ops for nn.Linear, and for an Fp8Linear (where this torch
+    has a CPU _scaled_mm) the quantization of silu(gate) * up, not of gate_up."""
+    from models.engine.fp8 import Fp8Linear
+    from models.engine.fused_layers import silu_mul_down
+
+    torch.manual_seed(0)
+    down = torch.nn.Linear(32, 16, bias=False)
+    gate_up = torch.randn(2, 3, 64)
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.no_grad():
+        assert torch.equal(silu_mul_down(down, gate_up), down(torch.nn.functional.silu(gate) * up))
+        fp8 = Fp8Linear(down)
+        try:
+            want = fp8(torch.nn.functional.silu(gate) * up)
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"torch._scaled_mm does not run on this CPU build: {e}")
+        assert torch.equal(silu_mul_down(fp8, gate_up), want)
+        assert not torch.equal(fp8(gate_up[..., :32]), want)  # the test tells the inputs apart
+
+
 # ---------------------------------------------------------------------------- text helpers
 
 class _CharTokenizer:
@@ -904,6 +926,40 @@ def test_gpu_fp8_quantize_kernel_is_the_reference_bit_for_bit():
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
     assert got[0][1].float().isnan().all() and got[0][2].float().isnan().sum() == 1
     assert torch.equal(quantize_fp8_rows(x)[0].view(torch.uint8), quantize_fp8_rows_reference(x)[0].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_baseline_silu_mul_kernels_are_the_reference_bit_for_bit():
+    """The baselines' fused MLP activation: kernels.silu_mul against torch's F.silu(gate) * up, and
+    fp8_quantize_rows(silu_mul=True) against the reference quantization of that product, over dtypes,
+    odd and long rows, strided rows, unaligned starts (the scalar path), a zero row, and rows at and past
+    the staged kernel's shared-memory limit (past it: the recomputing kernel)."""
+    from atom_ops import kernels
+    from atom_ops.quant_ops import silu_mul_reference
+    from models.engine.fp8 import quantize_fp8_rows_reference
+
+    if not hasattr(kernels.extension(), "silu_mul"):
+        pytest.skip("extension not built (or built before silu_mul)")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    checked = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, k, scale, pad, start in ((1, 11008, 1.0, 0, 0), (64, 14336, 3.0, 8, 0), (7, 100, 0.01, 8, 0),
+                                        (33, 4096, 20.0, 0, 1), (5, 1, 1.0, 3, 1), (300, 8, 1.0, 0, 0),
+                                        (3, 12224, 1.0, 0, 0), (2, 24449, 1.0, 0, 0)):  # staged-row limit (fp32), past it
+            x = (torch.randn(m, start + 2 * k + pad, generator=g) * scale).to("cuda", dtype)[:, start:start + 2 * k]
+            x[m // 2] = 0
+            want = silu_mul_reference(x)
+            got = kernels.silu_mul(x)
+            assert got is not None and got.dtype == dtype and got.shape == (m, k)
+            assert torch.equal(got, want), (dtype, m, k, start)
+            q, s = kernels.fp8_quantize_rows(x, silu_mul=True)
+            q_ref, s_ref = quantize_fp8_rows_reference(want)
+            assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, m, k, start)
+            assert torch.equal(s, s_ref), (dtype, m, k, start)
+            checked += 1
+    assert checked == 24
+    assert kernels.silu_mul(torch.ones(2, 5, device="cuda", dtype=torch.float16)) is None  # odd width: torch's ops
 
 
 @pytest.mark.gpu

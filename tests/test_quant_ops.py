@@ -387,6 +387,27 @@ def sanitize_main() -> int:
         n += 1
     torch.cuda.synchronize()
     print(f"sanitize quantize_rows: {n} cases,", "FAIL:\n" + "\n".join(bad) if bad else "ok")
+    return (1 if bad else 0) | sanitize_baseline_kernels()
+
+
+def sanitize_baseline_kernels() -> int:
+    """The fp16 / fp8 baselines' kernels (fp8_quantize_rows plain and with SiLU, silu_mul) on vector and
+    scalar paths and both sides of the staged row's shared-memory limit, against their torch references."""
+    from models.engine.fp8 import quantize_fp8_rows_reference
+
+    bad = []
+    g = torch.Generator(device="cpu").manual_seed(7)
+    for m, k, start, dtype in ((1, 11008, 0, torch.float16), (64, 4096, 1, torch.float16), (5, 12224, 0, torch.float32),
+                               (3, 24449, 0, torch.bfloat16), (9, 100, 1, torch.bfloat16)):
+        x = torch.randn(m, start + 2 * k, generator=g).to("cuda", dtype)[:, start:]
+        want = quant_ops.silu_mul_reference(x)
+        checks = {"silu_mul": torch.equal(kernels.silu_mul(x), want)}
+        for name, fused, ref in (("fp8", kernels.fp8_quantize_rows(x), quantize_fp8_rows_reference(x)),
+                                 ("fp8 silu", kernels.fp8_quantize_rows(x, silu_mul=True), quantize_fp8_rows_reference(want))):
+            checks[name] = torch.equal(fused[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(fused[1], ref[1])
+        bad += [f"{name} M={m} K={k} start={start} {dtype}" for name, ok in checks.items() if not ok]
+    torch.cuda.synchronize()
+    print("sanitize baseline kernels: 15 cases,", "FAIL:\n" + "\n".join(bad) if bad else "ok")
     return 1 if bad else 0
 
 

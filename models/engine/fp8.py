@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from atom_ops import kernels
+from atom_ops.quant_ops import silu_mul_reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -26,12 +27,15 @@ def quantize_fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_rows(x: torch.Tensor, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8_rows_reference in one kernel on a GPU (atom_ops.kernels.fp8_quantize_rows, bit for
     bit), as a serving stack runs its dynamic per-token FP8 quantization: as torch ops it is ~9 small
-    kernels per linear, which made this baseline's decode step slower than fp16's."""
-    fused = kernels.fp8_quantize_rows(x.detach())
-    return fused if fused is not None else quantize_fp8_rows_reference(x)
+    kernels per linear, which made this baseline's decode step slower than fp16's. silu_mul: x rows
+    are [gate | up] and the rows quantized are silu(gate) * up (the MLP's activation, fused too)."""
+    fused = kernels.fp8_quantize_rows(x.detach(), silu_mul=silu_mul)
+    if fused is not None:
+        return fused
+    return quantize_fp8_rows_reference(silu_mul_reference(x) if silu_mul else x)
 
 
 _ROWWISE_OUT: dict[tuple, bool] = {}
@@ -83,9 +87,10 @@ class Fp8Linear(nn.Module):
         out.bias = None
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """x [..., K] -> [..., N]; silu_mul: x is [..., 2K] = [gate | up] and the input is silu(gate) * up."""
         shape = x.shape
-        xq, x_scale = quantize_fp8_rows(x.reshape(-1, self.in_features))
+        xq, x_scale = quantize_fp8_rows(x.reshape(-1, self.in_features * (2 if silu_mul else 1)), silu_mul)
         # b must be column-major: the transpose of the row-major [N, K] weight is exactly that.
         # The model dtype straight from the GEMM where torch's row-wise scaling allows it, else
         # bf16 and a cast (a whole extra pass over the output: 8 of 50 ms per prefill step).

@@ -2,7 +2,9 @@
 
 fp16 / fp8 models (MergedProjectionLayer): the group's weights stacked into one linear, as serving
 stacks do (vLLM's QKVParallelLinear, MergedColumnParallelLinear); the originals become views of the
-stacked weights (nothing held twice). The rest of the layer is llama.DecoderLayer's ops.
+stacked weights (nothing held twice). The rest of the layer is llama.DecoderLayer's ops, with on a
+GPU the fused RMSNorm and SiLU-and-multiply (fp8: fused with the activation quantization) a serving
+stack runs (rms_norm, silu_mul_down).
 
 Atom models (FusedAtomLayer): one kernel pair per projection group.
 
@@ -34,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from atom_ops import kernels
 
 from ..llama import apply_rope
 from ..quantized_linear import AtomLinear
@@ -139,7 +143,8 @@ def fuse_atom_layers(model) -> RegroupedModel | None:
 class MergedProjectionLayer(nn.Module):
     """llama.DecoderLayer with q|k|v and gate|up each one GEMM (for fp8, one activation quantization):
     what serving stacks do for every dtype (vLLM's QKVParallelLinear, MergedColumnParallelLinear), so
-    the fp16 and fp8 baselines get the regrouping the Atom layers get. Same ops otherwise."""
+    the fp16 and fp8 baselines get the regrouping the Atom layers get. Same ops otherwise, but for the
+    fused RMSNorm and SiLU-and-multiply kernels on a GPU (rms_norm, silu_mul_down)."""
 
     def __init__(self, layer, qkv: nn.Module, gate_up: nn.Module):
         super().__init__()
@@ -153,8 +158,7 @@ class MergedProjectionLayer(nn.Module):
         B, T, H = x.shape
         qkv = self.qkv(rms_norm(self.norm1, x)).reshape(B * T, -1)
         x = x + self.attn.o_proj(attend_qkv(self.attn, qkv, self.split, B, T, cos, sin, kv_cache))
-        gate, up = self.gate_up(rms_norm(self.norm2, x)).chunk(2, dim=-1)
-        return x + self.mlp.down_proj(F.silu(gate) * up)
+        return x + silu_mul_down(self.mlp.down_proj, self.gate_up(rms_norm(self.norm2, x)))
 
 
 def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -166,6 +170,23 @@ def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     if x.is_cuda:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return norm(x)
+
+
+def silu_mul_down(down: nn.Module, gate_up: Tensor) -> Tensor:
+    """down(silu(gate) * up) for gate_up = [gate | up]: the baseline modes' MLP tail with the activation
+    in one kernel on a GPU, as a serving stack runs it (vLLM's silu_and_mul; for fp8 fused with the
+    per-token quantization), where the model's F.silu(gate) * up is two elementwise passes (three
+    with the fp8 quantization). Same bits either way (atom_ops.kernels.silu_mul, fp8_quantize_rows)."""
+    from .fp8 import Fp8Linear
+
+    if isinstance(down, Fp8Linear):
+        return down(gate_up, silu_mul=True)
+    rows = gate_up.reshape(-1, gate_up.shape[-1])
+    fused = kernels.silu_mul(rows) if gate_up.is_cuda else None
+    if fused is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return down(F.silu(gate) * up)
+    return down(fused.view(*gate_up.shape[:-1], -1))
 
 
 def stackable(lins: list[nn.Module]) -> bool:
