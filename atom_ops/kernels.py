@@ -266,8 +266,9 @@ def fp8_quantize_rows(x: torch.Tensor, silu_mul: bool = False):
         return out, scale.fill_(1e-12)
     dev = x.device
     with on_device(dev):
+        # silu_mul only when set: an extension built before it takes 8 arguments and still serves the plain case
         ext.fp8_quantize_rows(x.data_ptr(), _X_DTYPE_CODE[x.dtype], x.stride(0) if m > 1 else x.shape[1],
-                              out.data_ptr(), scale.data_ptr(), m, k, raw_stream(dev), int(silu_mul))
+                              out.data_ptr(), scale.data_ptr(), m, k, raw_stream(dev), **({"silu_mul": 1} if silu_mul else {}))
     return out, scale
 
 

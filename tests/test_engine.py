@@ -946,7 +946,8 @@ def test_gpu_baseline_silu_mul_kernels_are_the_reference_bit_for_bit():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for m, k, scale, pad, start in ((1, 11008, 1.0, 0, 0), (64, 14336, 3.0, 8, 0), (7, 100, 0.01, 8, 0),
                                         (33, 4096, 20.0, 0, 1), (5, 1, 1.0, 3, 1), (300, 8, 1.0, 0, 0),
-                                        (3, 12224, 1.0, 0, 0), (2, 24449, 1.0, 0, 0)):  # staged-row limit (fp32), past it
+                                        (3, 12224, 1.0, 0, 0), (2, 24449, 1.0, 0, 0),  # staged-row limit (fp32), past it
+                                        (4, 64, 1.0, 3, 0)):  # aligned start, row stride not a vector multiple
             x = (torch.randn(m, start + 2 * k + pad, generator=g) * scale).to("cuda", dtype)[:, start:start + 2 * k]
             x[m // 2] = 0
             want = silu_mul_reference(x)
@@ -958,7 +959,7 @@ def test_gpu_baseline_silu_mul_kernels_are_the_reference_bit_for_bit():
             assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, m, k, start)
             assert torch.equal(s, s_ref), (dtype, m, k, start)
             checked += 1
-    assert checked == 24
+    assert checked == 27
     assert kernels.silu_mul(torch.ones(2, 5, device="cuda", dtype=torch.float16)) is None  # odd width: torch's ops
 
 

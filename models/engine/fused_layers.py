@@ -182,7 +182,8 @@ def silu_mul_down(down: nn.Module, gate_up: Tensor) -> Tensor:
     if isinstance(down, Fp8Linear):
         return down(gate_up, silu_mul=True)
     rows = gate_up.reshape(-1, gate_up.shape[-1])
-    fused = kernels.silu_mul(rows) if gate_up.is_cuda else None
+    differentiable = torch.is_grad_enabled() and gate_up.requires_grad  # the kernel has no backward
+    fused = kernels.silu_mul(rows) if gate_up.is_cuda and not differentiable else None
     if fused is None:
         gate, up = gate_up.chunk(2, dim=-1)
         return down(F.silu(gate) * up)
