@@ -56,3 +56,27 @@ def test_e2e_bench_unequal_prompts(tmp_path):
     assert " 3-12 " in (tmp_path / "e2e_u.txt").read_text()  # the table states the prompt range
     with pytest.raises(SystemExit):  # argparse's error: lengths must fit in 1..--input
         e2e.main(common + ["--input-min", "13"])
+
+
+def test_e2e_repeat_reports_the_median_run(tmp_path):
+    """--repeat N: every case runs N times and the row is the median run, with all runs' rates."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    rc = e2e.main(["--models", str(path), "--modes", "fp16", "--batch", "2", "--input", "6", "--output", "3",
+                   "--device", "cpu", "--kv-gib", "0.01", "--out", str(tmp_path), "--tag", "r", "--repeat", "3",
+                   "--prefill-tokens", "12"])
+    assert rc == 0
+    (row,) = json.loads((tmp_path / "e2e_r.json").read_text())["rows"]
+    runs = row["tokens_per_s_runs"]
+    assert row["repeats"] == 3 and len(runs) == 3
+    assert round(row["tokens_per_s"], 1) == sorted(runs)[1]  # the median run's own figures
+    assert abs(row["spread"] - (max(runs) / min(runs) - 1)) < 1e-2  # runs are stored rounded to 0.1 tok/s
+
+
+def test_median_run_picks_the_middle_rate():
+    runs = [{"tokens_per_s": 10.0, "step_ms": 1}, {"tokens_per_s": 30.0, "step_ms": 3}, {"tokens_per_s": 20.0, "step_ms": 2}]
+    r = e2e.median_run(runs)
+    assert r["step_ms"] == 2 and r["tokens_per_s_runs"] == [10.0, 30.0, 20.0] and r["spread"] == 2.0
+    assert e2e.median_run(runs[:2])["step_ms"] == 1  # even count: the lower middle run
