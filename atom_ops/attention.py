@@ -80,6 +80,7 @@ from torch import Tensor
 from . import formats
 from .formats import FormatError
 from .rope import rotate_half
+from .registration import atom_op
 
 Pool = tuple[Tensor, Tensor, Tensor]  # (packed, scale, zero) of one layer
 
@@ -583,8 +584,7 @@ def _call(t: Tensor, launch, *args):
 
 # ----------------------------------------------------------------------------- the ops
 
-@torch.library.custom_op("atom::kv4_append",
-                         mutates_args=("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"))
+@atom_op("kv4_append", mutates_args=("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"))
 def _kv4_append_op(k: Tensor, v: Tensor, slots: Tensor, cos: Tensor | None, sin: Tensor | None, k_packed: Tensor,
                    k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor, v_zero: Tensor) -> None:
     k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
@@ -594,12 +594,12 @@ def _kv4_append_op(k: Tensor, v: Tensor, slots: Tensor, cos: Tensor | None, sin:
         kv4_append_reference(k, v, slots, k_pool, v_pool, cos, sin)
 
 
-@_kv4_append_op.register_fake
+@torch.library.register_fake("atom::kv4_append")
 def _(k, v, slots, cos, sin, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero):
     return None
 
 
-@torch.library.custom_op("atom::kv4_decode_attention", mutates_args=())
+@atom_op("kv4_decode_attention")
 def _kv4_decode_op(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor,
                    v_zero: Tensor, block_tables: Tensor, context_lens: Tensor, splits: int) -> Tensor:
     k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
@@ -608,12 +608,12 @@ def _kv4_decode_op(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_zero: Tensor,
     return kv4_decode_reference(q, k_pool, v_pool, block_tables, context_lens)
 
 
-@_kv4_decode_op.register_fake
+@torch.library.register_fake("atom::kv4_decode_attention")
 def _(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, context_lens, splits):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("atom::paged_decode_attention", mutates_args=())
+@atom_op("paged_decode_attention")
 def _paged_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor,
                      splits: int) -> Tensor:
     if _runs_paged_kernel(q):
@@ -622,12 +622,12 @@ def _paged_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Te
     return paged_decode_reference(q, k_pool, v_pool, block_tables, context_lens)
 
 
-@_paged_decode_op.register_fake
+@torch.library.register_fake("atom::paged_decode_attention")
 def _(q, k_pool, v_pool, block_tables, context_lens, splits):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("atom::kv4_gather", mutates_args=())
+@atom_op("kv4_gather")
 def _kv4_gather_op(k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor, v_scale: Tensor,
                    v_zero: Tensor, block_tables: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
@@ -636,14 +636,14 @@ def _kv4_gather_op(k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: 
     return kv4_gather_reference(k_pool, v_pool, block_tables, dtype)
 
 
-@_kv4_gather_op.register_fake
+@torch.library.register_fake("atom::kv4_gather")
 def _(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, dtype):
     B, W = block_tables.shape
     shape = (B, k_packed.shape[1], W * k_packed.shape[2], 2 * k_packed.shape[3])
     return k_packed.new_empty(shape, dtype=dtype), k_packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("atom::kv4_prefill_attention", mutates_args=())
+@atom_op("kv4_prefill_attention")
 def _kv4_prefill_op(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_zero: Tensor, v_packed: Tensor,
                     v_scale: Tensor, v_zero: Tensor, block_tables: Tensor, context_lens: Tensor) -> Tensor:
     k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
@@ -652,7 +652,7 @@ def _kv4_prefill_op(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_zero: Tensor
     return kv4_prefill_attention_reference(q, k_pool, v_pool, block_tables, context_lens)
 
 
-@_kv4_prefill_op.register_fake
+@torch.library.register_fake("atom::kv4_prefill_attention")
 def _(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, block_tables, context_lens):
     return q.new_empty(q.shape)
 

@@ -19,9 +19,10 @@ from . import formats
 from .formats import QuantizedTensor, QuantSpec
 from .ops import check_output_args
 from .quant_ops import PROLOGUE_NAMES, check_quantize_args, prologue_reference
+from .registration import atom_op
 
 
-@torch.library.custom_op("atom::quantized_linear", mutates_args=())
+@atom_op("quantized_linear")
 def _quantized_linear_op(x: torch.Tensor, perm: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
                          prologue: int, clip: float, w_packed: torch.Tensor, w_outlier: torch.Tensor,
                          w_scale: torch.Tensor, group: int, out_dtype: torch.dtype,
@@ -37,7 +38,7 @@ def _quantized_linear_op(x: torch.Tensor, perm: torch.Tensor | None, norm_weight
     return out
 
 
-@_quantized_linear_op.register_fake
+@torch.library.register_fake("atom::quantized_linear")
 def _(x, perm, norm_weight, eps, prologue, clip, w_packed, w_outlier, w_scale, group, out_dtype, residual):
     return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=out_dtype)
 

@@ -11,6 +11,7 @@ import torch
 
 from . import formats
 from .formats import FormatError, QuantizedTensor, QuantSpec
+from .registration import atom_op
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -39,7 +40,7 @@ def check_output_args(rows: int, device: torch.device, w: QuantizedTensor, out_d
                               f"got {residual.dtype} on {residual.device}")
 
 
-@torch.library.custom_op("atom::w4a4_gemm", mutates_args=())
+@atom_op("w4a4_gemm")
 def _w4a4_gemm_op(a_packed: torch.Tensor, a_outlier: torch.Tensor, a_scale: torch.Tensor,
                   w_packed: torch.Tensor, w_outlier: torch.Tensor, w_scale: torch.Tensor,
                   group: int, out_dtype: torch.dtype, residual: torch.Tensor | None) -> torch.Tensor:
@@ -53,7 +54,7 @@ def _w4a4_gemm_op(a_packed: torch.Tensor, a_outlier: torch.Tensor, a_scale: torc
     return out
 
 
-@_w4a4_gemm_op.register_fake
+@torch.library.register_fake("atom::w4a4_gemm")
 def _(a_packed, a_outlier, a_scale, w_packed, w_outlier, w_scale, group, out_dtype, residual):
     return a_packed.new_empty((a_packed.shape[0], w_packed.shape[0]), dtype=out_dtype)
 

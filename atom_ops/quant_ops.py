@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import formats
 from .formats import FormatError, QuantizedTensor, QuantSpec
+from .registration import atom_op
 
 PROLOGUE_NAMES = ("none", "rmsnorm", "silu_mul")
 
@@ -69,7 +70,7 @@ def check_quantize_args(x: torch.Tensor, spec: QuantSpec, perm, prologue: str, n
         raise FormatError(f"perm on {perm.device} but x on {x.device}")
 
 
-@torch.library.custom_op("atom::quantize_activation", mutates_args=())
+@atom_op("quantize_activation")
 def _quantize_activation_op(x: torch.Tensor, perm: torch.Tensor | None, norm_weight: torch.Tensor | None,
                             eps: float, prologue: int, k: int, group: int, outliers: int,
                             clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +84,7 @@ def _quantize_activation_op(x: torch.Tensor, perm: torch.Tensor | None, norm_wei
     return q.packed, q.outlier, q.scale
 
 
-@_quantize_activation_op.register_fake
+@torch.library.register_fake("atom::quantize_activation")
 def _(x, perm, norm_weight, eps, prologue, k, group, outliers, clip):
     spec = QuantSpec(k, group, outliers)
     m = x.shape[0]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .formats import FormatError
+from .registration import atom_op
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -86,14 +87,14 @@ def _launch(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out
 
 
-@torch.library.custom_op("atom::apply_rope", mutates_args=())
+@atom_op("apply_rope")
 def _apply_rope_op(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if runs_kernel(x):
         return _launch(x, cos, sin)
     return _empty_like_torch(x).copy_(apply_rope_reference(x, cos, sin))  # the kernel's layout
 
 
-@_apply_rope_op.register_fake
+@torch.library.register_fake("atom::apply_rope")
 def _(x, cos, sin):
     return _empty_like_torch(x)
 

@@ -6,7 +6,9 @@ An eager step whose kernels are shorter than the host's work to launch them leav
 (a Llama-7B 8-layer atom prefill step: ~30 ms of host launches for ~37 ms of kernels, README). Each
 case runs --iters calls at M = 1 without a sync in between, so the loop is bound by the host: host
 us per call = the loop's wall time / calls (wall us adds the final sync). Cases: torch.mm (fp16,
-the baseline every ratio divides by), atom_ops.quantized_linear (the op, RMSNorm prologue) and the
+the baseline every ratio divides by), the op-registration layer alone (one trivial body with
+quantized_linear's twelve arguments, called directly, through torch.library.custom_op and through
+atom_ops.registration.atom_op, which the atom ops use), atom_ops.quantized_linear (the op, RMSNorm prologue) and the
 pieces of its GPU launch path (kernels.quantized_linear without the op and the checks, the
 quantization kernel alone writing the staged operand, the plan lookup, torch's device guard and
 stream lookup against the extension's cheaper kernels.on_device / raw_stream), kv4_gather of one
@@ -44,6 +46,23 @@ def device_guard(dev: torch.device, guard) -> None:
         pass
 
 
+def _layer_probe(x: torch.Tensor, perm: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+                 prologue: int, clip: float, w_packed: torch.Tensor, w_outlier: torch.Tensor, w_scale: torch.Tensor,
+                 group: int, out_dtype: torch.dtype, residual: torch.Tensor | None) -> torch.Tensor:
+    """The registration-layer probe: quantized_linear's signature, no work but the output's allocation."""
+    return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+def layer_ops() -> tuple:
+    """The probe registered both ways (once per process): (custom_op, atom_op)."""
+    from atom_ops.registration import atom_op
+
+    if not hasattr(torch.ops.atom, "host_overhead_probe"):
+        torch.library.custom_op("atom_bench::host_overhead_probe", mutates_args=())(_layer_probe)
+        atom_op("host_overhead_probe")(_layer_probe)
+    return torch.ops.atom_bench.host_overhead_probe.default, torch.ops.atom.host_overhead_probe.default
+
+
 def host_cases(k: int, n: int, dev: torch.device) -> dict:
     """name -> zero-argument call, M = 1 (the CUDA-only launch-path pieces only on CUDA)."""
     from atom_ops import kernels, quantized_linear
@@ -62,8 +81,13 @@ def host_cases(k: int, n: int, dev: torch.device) -> dict:
             torch.zeros(8, 32, 16, 1, dtype=torch.float16, device=dev))
     tables = torch.arange(8, device=dev)[None]
     q = torch.randn(1, 32, 16, 128, device=dev, dtype=torch.float16)
+    via_custom_op, via_atom_op = layer_ops()
+    probe_args = (x, perm, norm, 1e-5, 1, 1.0, w.packed, w.outlier, w.scale, 128, torch.float16, None)
     cases = {
         "torch.mm": lambda: torch.mm(x, b),
+        "op layer: none (direct call)": lambda: _layer_probe(*probe_args),
+        "op layer: torch.library.custom_op": lambda: via_custom_op(*probe_args),
+        "op layer: atom_op": lambda: via_atom_op(*probe_args),
         "atom_ops.quantized_linear": lambda: quantized_linear(x, w, perm, 1.0, "rmsnorm", norm),
         "kv4_gather": lambda: kv4_gather(pool, pool, tables, torch.float16),
         "sdpa": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),

@@ -67,6 +67,32 @@ def test_opcheck():
                               (a.packed, a.outlier, a.scale, w.packed, w.outlier, w.scale, 128, torch.float16, r))
 
 
+ATOM_OPS = ("w4a4_gemm", "quantized_linear", "quantize_activation", "apply_rope", "kv4_append",
+            "kv4_decode_attention", "paged_decode_attention", "kv4_gather", "kv4_prefill_attention")
+
+
+@pytest.mark.parametrize("name", ATOM_OPS)
+def test_ops_are_registered_without_custom_op_layers(name):
+    """atom_ops.registration: one kernel for every backend, no Python autograd layer (custom_op's
+    per-call cost), a fake impl for meta / fake tensors, and kv4_append's schema marks its pools."""
+    qualname = f"atom::{name}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta")
+    schema = getattr(torch.ops.atom, name).default._schema
+    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == (
+        ["k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"] if name == "kv4_append" else [])
+
+
+def test_op_without_backward_warns_instead_of_passing_gradients():
+    a, w = operands(m=2, n=16)
+    x = torch.randn(2, w.spec.k, requires_grad=True)
+    y = atom_ops.quantized_linear(x, w)  # forward runs under autograd (the reference on the CPU)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        y.float().sum().backward()
+    assert x.grad is None
+
+
 def test_kernels_bridge_on_cpu():
     a, w = operands()
     assert kernels.w4a4_gemm(a, w, torch.float16, None) is None  # CPU: the reference runs
