@@ -590,6 +590,8 @@ def _kv4_append_op(k: Tensor, v: Tensor, slots: Tensor, cos: Tensor | None, sin:
     k_pool, v_pool = (k_packed, k_scale, k_zero), (v_packed, v_scale, v_zero)
     if _runs_kernel(k):
         _call(k, _launch_append, k, v, slots, k_pool, v_pool, cos, sin)
+        for t in k_pool + v_pool:  # written by pointer: tell autograd, as torch's in-place ops do
+            torch.autograd.graph.increment_version(t)
     else:
         kv4_append_reference(k, v, slots, k_pool, v_pool, cos, sin)
 

@@ -12,11 +12,14 @@ the layers showed up in its throughput. Here, as vLLM's
 ``torch.library.register_fake("atom::<name>")``; torch.compile, opcheck and ``torch.ops.atom.<name>``
 see the same op as before.
 
-What custom_op did that this does not: no autograd formula either way (these are inference
+What custom_op did that this does not: (1) no autograd formula either way (these are inference
 kernels), but custom_op raised at backward time; here torch's default autograd fallback applies
 (an input that requires grad gives an output whose backward warns that the op has no autograd
-kernel and passes no gradient). Callers that may run under autograd keep torch's ops instead
-(models/llama.py RoPE, models/engine/fused_layers.py).
+kernel and passes no gradient; torch calls that behaviour deprecated, so a later torch may raise
+instead). Callers that may run under autograd keep torch's ops instead (models/llama.py RoPE,
+models/engine/fused_layers.py). (2) custom_op bumped the version counter of every argument an op
+mutates; here the op does it itself where a kernel writes by pointer (kv4_append's GPU path; its
+reference path writes with torch's in-place ops, which bump it).
 """
 
 from __future__ import annotations

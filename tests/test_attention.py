@@ -643,6 +643,9 @@ def test_gpu_opcheck():
         torch.tensor([0, 5, 11], device="cuda")
     cos, sin = rope_tables(3, 64, torch.float16, 1, "cuda")
     torch.library.opcheck(torch.ops.atom.kv4_append.default, (k, v, slots, cos, sin, *kp, *vp))
+    before = [t._version for t in kp + vp]  # the kernel writes by pointer; the op bumps the versions
+    A.kv4_append(k, v, slots, kp, vp, cos, sin)
+    assert all(t._version > b for t, b in zip(kp + vp, before))
 
 
 def _kv4_model(dtype=torch.float16):
