@@ -336,6 +336,27 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.atom.kv4_append.default, (k, v, slots, cos, sin, *kp, *vp))
 
 
+
+def test_ops_compile_fullgraph_on_cpu():
+    """The ops as torch.compile sees them (atom_ops.registration): one graph with no break over an
+    append (a mutating op, functionalized) and a decode attention, equal to eager, pools included."""
+    kp, vp = _pools()
+    k, v, slots = torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([0, 5, 11])
+    cos, sin = rope_tables(3, 64, torch.float32, 1)
+    q, ctx, tables = torch.randn(2, 4, 64), torch.tensor([5, 12]), torch.tensor([[2, 1, 0], [0, 1, 2]])
+
+    def step(kp, vp):
+        A.kv4_append(k, v, slots, kp, vp, cos, sin)
+        return A.kv4_decode_attention(q, kp, vp, tables, ctx)
+
+    eager_pools = [tuple(t.clone() for t in pool) for pool in (kp, vp)]
+    want = step(*eager_pools)
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(kp, vp)
+    assert torch.equal(got, want)
+    for pool, eager in zip((kp, vp), eager_pools):
+        assert all(torch.equal(a, b) for a, b in zip(pool, eager))
+
 @pytest.mark.parametrize("layout", ["llama-7b", "llama-3-8b"])
 def test_bench_inputs_and_sdpa_baseline_agree_on_cpu(layout):
     """bench.attention's plumbing on a tiny case: its fp16-cache baseline (both GQA forms) computes what
