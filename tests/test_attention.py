@@ -336,7 +336,6 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.atom.kv4_append.default, (k, v, slots, cos, sin, *kp, *vp))
 
 
-
 def test_ops_compile_fullgraph_on_cpu():
     """The ops as torch.compile sees them (atom_ops.registration): one graph with no break over an
     append (a mutating op, functionalized) and a decode attention, equal to eager, pools included."""
@@ -356,6 +355,7 @@ def test_ops_compile_fullgraph_on_cpu():
     assert torch.equal(got, want)
     for pool, eager in zip((kp, vp), eager_pools):
         assert all(torch.equal(a, b) for a, b in zip(pool, eager))
+
 
 @pytest.mark.parametrize("layout", ["llama-7b", "llama-3-8b"])
 def test_bench_inputs_and_sdpa_baseline_agree_on_cpu(layout):
