@@ -13,7 +13,7 @@ call, median of >= 20. Writes gemm_<tag>.json (bench/common.py schema), prints a
 saves gemm_<tag>.png (speedup over torch fp16 vs M).
 On the H100 the INT4 mma of the sm80-style kernels is emulated; the dispatch picks the sm90a
 wgmma family (staged operands, atom_ops/staging.py) for group 128. "atom" times the op as a
-user calls it (activation staged with torch ops per call, weight staged once); "atom_kernel"
+user calls it (activation staged by a CUDA kernel per call, weight staged once); "atom_kernel"
 times the wgmma kernel alone on staged operands. The ratio columns use atom_kernel when present.
 ``--kernels`` also times each named compiled wgmma kernel (``wgmma``: every runnable one with
 fp16 output, e.g. the decode, medium and prefill tiles; split-K ones at each ``--splits``) alone on the same
@@ -148,7 +148,7 @@ def bench_case(m: int, n: int, k: int, impls, iters: int, flush, kernel: str, gr
                 out["atom"] = r
             if kernels.kernel_family(r["kernel"]) == "wgmma" and "atom_kernel" in impls:
                 # The Hopper family alone on pre-staged operands (what a fused quantize kernel
-                # feeds it); "atom" above also stages the activation with torch ops per call.
+                # feeds it); "atom" above also stages the activation (one CUDA kernel) per call.
                 sa, sw = staging.stage_operand(a), kernels.staged_weight(wq)
                 y = torch.empty((m, n), device=dev, dtype=torch.float16)
                 fk = lambda: kernels.staged_gemm(sa, sw, torch.float16, None, r["kernel"], y)  # noqa: E731

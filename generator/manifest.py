@@ -7,8 +7,9 @@ levels); configs for archs not selected and duplicates are culled with a log lin
 Levels (``--level``):
     0  (default, what CI compiles) per arch: the large tile, the small split-K tile and two
        stream (decode) tiles, fp16 and bf16 output -> 8 kernels per arch; sm90a adds the wgmma family's decode,
-       medium and prefill tiles (8 more). Every level also builds the kernels a committed tuning
-       table (tuning/tables/*.json) picks for the arch: the H100 table adds 9 tiles to sm90a.
+       medium and prefill tiles, the _w4 medium tile and two split-K tiles (12 more). Every level also
+       builds the kernels a committed tuning table (tuning/tables/*.json) picks for the arch: the H100
+       table adds 7 tiles (14 kernels) to sm90a.
     1  adds a medium tile and tile_k=128 variants (group % 128 == 0 only).
     2  the cross product of the tile / warp / stage tables below, invalid ones culled.
 """

@@ -240,6 +240,150 @@ def test_wgmma_kernels_prefill_sizes():
 
 
 
+# The wgmma family on its own shapes: test_every_kernel_random_shapes draws group 64 for about
+# half its cases, which these kernels do not take (group 128 only), so here every case is group
+# 128, run in both output dtypes. K values give every outlier count: 576 / 2112 / 4160 take only
+# 64 outliers (K - 64 is a multiple of 128), the others 0 or 128. Half the N are multiples of 128,
+# which the _w4 tiles need.
+WGMMA_K_VALUES = (576, 640, 1536, 2112, 4096, 4160, 11008, 14336)
+WGMMA_SHAPES = 240
+
+
+def wgmma_cases(n_cases: int, seed: int = 11):
+    rng = random.Random(seed)
+    ms = [1, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 191, 255, 257, 383, 513, 777]
+    cases = []
+    for i in range(n_cases):
+        k = WGMMA_K_VALUES[i % len(WGMMA_K_VALUES)]
+        spec = rng.choice([s for s in _specs(k) if s.group == 128])
+        m = rng.choice(ms) if i % 4 else rng.randint(1, 800)
+        n = 128 * rng.randint(1, 40) if i % 2 else 16 * rng.randint(1, 300 if k < 11008 else 120)
+        cases.append((m, n, spec, rng.random() < 0.5))
+    return cases
+
+
+def _wgmma_runs(kernels_of_dtype, n: int, spec, i: int):
+    """(kernel, split) pairs for one case: every wgmma kernel of the dtype that takes the shape, at
+    split 1, and split-K kernels at one more split (every split keeps >= 2 k-tiles)."""
+    runs = []
+    for k in kernels_of_dtype:
+        if kernels.uses_weight_fragments(k["name"]) and n % k["tile_m"]:
+            continue
+        top = staging.max_split_k(spec)
+        runs.append((k["name"], 1))
+        if k["split_k"] and top >= 2:
+            runs.append((k["name"], random.Random(i).randint(2, top)))
+    return runs
+
+
+@needs_gpu
+def test_wgmma_kernels_random_shapes():
+    """Every wgmma kernel over 240 random group-128 shapes in its output dtype (M = 1, odd M,
+    outliers 0 / 64 / 128, N not a multiple of any tile, residual or not): bit for bit the
+    reference at split 1 (within the summation-order tolerance at split-K > 1), outputs poisoned
+    with NaN first; the dispatch path runs each case too."""
+    wg = [k for k in kernels.runnable_kernels() if k["family"] == "wgmma"]
+    if not wg:
+        pytest.skip("no wgmma-family kernel runs on this device (sm90a only)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = {k["name"]: 0 for k in wg}
+    covered = {"m1": 0, "odd_m": 0, **{f"o{o}": 0 for o in (0, 64, 128)}}
+    failures = []
+    for i, (m, n, spec, residual) in enumerate(wgmma_cases(WGMMA_SHAPES)):
+        covered["m1"] += m == 1
+        covered["odd_m"] += m % 2
+        covered[f"o{spec.outliers}"] += 1
+        for dtype, want in ((torch.float16, "f16"), (torch.bfloat16, "bf16")):
+            a, w, res = make_operands(m, n, spec, dtype, residual, seed=500 + i)
+            ref = formats.w4a4_matmul_reference(a, w, dtype, res)
+            runs = [("", 0)] + _wgmma_runs([k for k in wg if k["out_dtype"] == want], n, spec, i)
+            for name, split in runs:
+                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                got = kernels.w4a4_gemm(a, w, dtype, res, kernel=name, split_k=split, out=out)
+                torch.cuda.synchronize()
+                nbad = compare(got, ref, dtype)[2]
+                if name and split == 1:
+                    shapes[name] += 1
+                # every wgmma kernel promotes as the reference does: exact at split 1 (split-K built too)
+                if nbad or (name and split == 1 and not torch.equal(got, ref)):
+                    failures.append(f"{name or 'dispatch'} split={split} M={m} N={n} {spec} {dtype} "
+                                    f"residual={residual}: {nbad} out of tolerance, "
+                                    f"{int((got != ref).sum())} of {got.numel()} differ")
+    for name, count in sorted(shapes.items()):
+        print(f"{name}: {count} shapes")
+    print(f"{WGMMA_SHAPES} cases x 2 dtypes, coverage {covered}, {len(failures)} failures")
+    assert not failures, "\n".join(failures[:20])
+    assert covered["m1"] and covered["odd_m"] and all(covered[f"o{o}"] for o in (0, 64, 128)), covered
+    # each kernel saw >= 200 shapes but the _w4 tiles (N % 128 == 0 only: about half)
+    assert all(c >= (100 if kernels.uses_weight_fragments(name) else 200) for name, c in shapes.items()), shapes
+
+
+def extreme_operand(rows: int, spec, rng: torch.Generator, saturate: bool) -> formats.QuantizedTensor:
+    """INT4 values only -8 or 7 (all -8 if saturate), INT8 outliers -127 or 127 (all -127), random
+    fp16 scales in [0.5, 2): the largest group dot products the format allows (128 * 64 = 2^13 for
+    a group, 128 * 127^2 ~ 2^21 for the outlier group)."""
+    kn, o = spec.k_normal, spec.outliers
+    if saturate:
+        q = torch.full((rows, kn), -8, dtype=torch.int8)
+        qo = torch.full((rows, o), -127, dtype=torch.int8)
+    else:
+        q = torch.where(torch.rand(rows, kn, generator=rng) < 0.5, -8, 7).to(torch.int8)
+        qo = torch.where(torch.rand(rows, o, generator=rng) < 0.5, -127, 127).to(torch.int8)
+    scale = (0.5 + 1.5 * torch.rand(rows, spec.scale_columns, generator=rng)).to(torch.float16)
+    return formats.QuantizedTensor(formats.pack_int4(q), qo, scale, spec)
+
+
+@needs_gpu
+def test_kernels_extreme_values():
+    """Operands at the ends of the INT4 / INT8 ranges: the wgmma kernels' FP8 tensor-core dot of a
+    128-wide group (|dot| <= 2^13, exact in its accumulator by staging.py's argument) and s8 outlier
+    dot stay bit for bit the reference's; every other kernel stays in tolerance."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(3)
+    failures, runs = [], 0
+    for spec in (QuantSpec(4096, 128, 128), QuantSpec(576, 128, 64), QuantSpec(1536, 128, 0)):
+        for m, n, saturate in ((1, 256, True), (7, 384, False), (64, 512, True), (300, 256, False), (1024, 1024, False)):
+            for dtype, want in ((torch.float16, "f16"), (torch.bfloat16, "bf16")):
+                a = extreme_operand(m, spec, gen, saturate).to("cuda")
+                w = extreme_operand(n, spec, gen, saturate).to("cuda")
+                # scale the output into the dtype's range: the all -8 rows give 2^13 x scales per group
+                w.scale.mul_(2.0 ** -10)
+                ref = formats.w4a4_matmul_reference(a, w, dtype, None)
+                assert torch.isfinite(ref.float()).all()
+                for k in kernels.runnable_kernels():
+                    if k["out_dtype"] != want or spec.group % k["tile_k"] or spec.outliers % (k["tile_k"] // 2):
+                        continue
+                    if kernels.uses_weight_fragments(k["name"]) and n % k["tile_m"]:
+                        continue
+                    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    got = kernels.w4a4_gemm(a, w, dtype, None, kernel=k["name"], out=out)
+                    torch.cuda.synchronize()
+                    runs += 1
+                    nbad = compare(got, ref, dtype)[2]
+                    exact = k["family"] == "wgmma" or must_be_exact(k["name"])
+                    if nbad or (exact and not torch.equal(got, ref)):
+                        failures.append(f"{k['name']} M={m} N={n} {spec} {dtype} saturate={saturate}: {nbad} "
+                                        f"out of tolerance, {int((got != ref).sum())} of {got.numel()} differ")
+    print(f"extreme values: {runs} runs, {len(failures)} failures")
+    assert runs and not failures, "\n".join(failures[:20])
+
+
+@needs_gpu
+def test_wgmma_kernels_refuse_group_64():
+    """A wgmma kernel forced on group 64 says why; the dispatch runs another family instead."""
+    wg = [k["name"] for k in kernels.runnable_kernels() if k["family"] == "wgmma" and k["out_dtype"] == "f16"]
+    if not wg:
+        pytest.skip("no wgmma-family kernel runs on this device (sm90a only)")
+    spec = QuantSpec(4096, 64, 128)
+    a, w, _ = make_operands(300, 256, spec, torch.float16, False)
+    for name in wg:
+        with pytest.raises(formats.FormatError, match="group 128"):
+            kernels.w4a4_gemm(a, w, torch.float16, None, kernel=name)
+    got = kernels.w4a4_gemm(a, w, torch.float16, None)
+    assert kernels.kernel_family(kernels.dispatched_kernel(a, w, torch.float16)[0]) != "wgmma"
+    assert compare(got, formats.w4a4_matmul_reference(a, w, torch.float16), torch.float16)[2] == 0
+
+
 @needs_gpu
 def test_op_dispatch_and_errors():
     spec = QuantSpec(4096, 128, 128)
