@@ -164,7 +164,7 @@ def cmd_serve(a) -> int:
     engine, tok, name = _engine(a, _device(a.device))
     print(f"serving {name} ({engine.kv_format} KV pages, {engine.allocator.capacity} pages of {engine.config.page_size}"
           f" tokens, context {engine.max_context}) on http://{a.host}:{a.port}/v1", flush=True)
-    serve(EngineLoop(engine, max_queue=a.max_queue).start(), tok, name, a.host, a.port)
+    serve(EngineLoop(engine, max_queue=a.max_queue).start(), tok, name, a.host, a.port, a.max_request_bytes)
     return 0
 
 
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-queue", type=int, default=64, help="requests in flight before 429")
+    s.add_argument("--max-request-bytes", type=int, default=None,
+                   help="request body cap, else 413 before parsing (default: max(1 MiB, 256 x max context))")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -6,7 +6,8 @@ FastAPI + uvicorn (`pip install "atom-kernels[serve]"`). Handlers only tokenize,
 the EngineLoop (which runs the engine in its own thread) and await the tokens; streaming uses
 server-sent events ("data: {json}" lines, then "data: [DONE]"). Errors are OpenAI-shaped
 `{"error": {"message", "type", "code"}}`: 400 for malformed JSON, bad fields or a prompt longer
-than the context, 429 when the bounded queue is full, 500 if the engine fails a request. A
+than the context, 413 for a body over max_request_bytes (refused before it is parsed or
+tokenized), 429 when the bounded queue is full, 500 if the engine fails a request. A
 client that disconnects (mid-stream, or while a non-streaming request runs) has its request
 aborted and its KV pages freed.
 
@@ -64,13 +65,73 @@ class EngineFailed(RuntimeError):
     pass
 
 
+# A prompt that fits the context is a few bytes per token even with long tokens and \uXXXX JSON
+# escapes; 256 leaves room for that, and the 1 MiB floor for chat framing on small contexts.
+BYTES_PER_CONTEXT_TOKEN = 256
+MIN_DEFAULT_REQUEST_BYTES = 1 << 20
+
+
+def default_max_request_bytes(max_context: int) -> int:
+    """The body-size cap when none is given: generous for any prompt the context can hold."""
+    return max(MIN_DEFAULT_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * max_context)
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-def create_app(loop: EngineLoop, tokenizer, model_name: str) -> FastAPI:
-    app = FastAPI(title="atom-kernels Llama server")
+class RequestSizeLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 before any JSON parsing or
+    tokenization. A declared Content-Length is checked before the body is read at all; a chunked
+    body (no Content-Length) is counted as it arrives and refused as soon as it passes the cap.
+    Uvicorn discards the unread rest, so the connection stays usable."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send, f"{int(declared)} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client hung up mid-upload: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send, f"over {self.max_bytes} bytes")
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay_body():
+            nonlocal replayed
+            if replayed:  # later calls wait for http.disconnect, which the handlers poll for
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay_body, send)
+
+    async def _too_large(self, scope, receive, send, size: str):
+        message = f"request body is {size}; the limit is {self.max_bytes} bytes (max_request_bytes)"
+        await _error(413, message)(scope, receive, send)
+
+
+def create_app(loop: EngineLoop, tokenizer, model_name: str, max_request_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app; max_request_bytes caps request bodies (default: default_max_request_bytes
+    of the engine's context)."""
     engine = loop.engine
+    if max_request_bytes is None:
+        max_request_bytes = default_max_request_bytes(engine.max_context)
+    if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be a positive integer, got {max_request_bytes!r}")
+    app = FastAPI(title="atom-kernels Llama server")
+    app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, exc: RequestValidationError):
@@ -211,11 +272,13 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def serve(loop: EngineLoop, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(loop: EngineLoop, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+          max_request_bytes: int | None = None) -> None:
     """Run uvicorn until interrupted; the engine loop is stopped on the way out."""
     import uvicorn
 
     try:
-        uvicorn.run(create_app(loop, tokenizer, model_name), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(loop, tokenizer, model_name, max_request_bytes), host=host, port=port,
+                    log_level="info")
     finally:
         loop.stop()

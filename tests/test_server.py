@@ -1,5 +1,6 @@
 """The OpenAI-compatible server on loopback (real uvicorn, tiny random model, byte tokenizer):
-completions, chat, streaming, malformed / oversized requests, a full queue, client disconnect."""
+completions, chat, streaming, malformed / oversized requests, the body-size cap, a full queue,
+client disconnect."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from models.config import LlamaConfig  # noqa: E402
 from models.engine import Engine, EngineConfig, EngineLoop, SamplingParams  # noqa: E402
-from models.server import create_app  # noqa: E402
+from models.server import create_app, default_max_request_bytes  # noqa: E402
 from test_engine import random_model  # noqa: E402
 from test_pipeline import byte_tokenizer  # noqa: E402
 
@@ -177,6 +178,82 @@ def test_malformed_and_oversized_requests_get_errors_and_the_server_keeps_servin
     assert_idle(engine)
 
 
+def test_oversized_body_gets_413_before_tokenizing_and_the_server_keeps_serving(served):
+    client, engine = served
+    limit = default_max_request_bytes(engine.max_context)
+    t0 = time.time()
+    r = client.post("/v1/completions", json={"prompt": "x" * 12_000_000})  # took ~7 s to refuse when tokenized
+    assert time.time() - t0 < 2.0
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == 413 and error["type"] == "invalid_request_error"
+    assert f"the limit is {limit} bytes" in error["message"]
+    ok = client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    assert_idle(engine)
+
+
+def raw_http(url: str, request: bytes, timeout: float = 5.0) -> tuple[int, dict]:
+    """Writes the raw bytes (they may stop mid-body) and reads one response -> (status, JSON body);
+    a server that waits for the rest of the body times out here instead."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+
+        def more() -> bytes:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection before a full response")
+            return data
+
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += more()
+        head, body = data.split(b"\r\n\r\n", 1)
+        headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        while len(body) < int(headers[b"content-length"]):
+            body += more()
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_request_size_limit_is_enforced_before_reading_and_while_reading_chunked_bodies(model, tok):
+    limit = 4096
+    loop = EngineLoop(Engine(model, ENGINE), max_queue=8).start()
+    url, stop = start_server(create_app(loop, tok, "tiny", max_request_bytes=limit))
+    post = b"POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+    try:
+        # a declared length over the cap is refused with the body still unsent
+        status, body = raw_http(url, post + b"content-length: 10000000\r\n\r\n" + b'{"prompt": "')
+        assert status == 413 and body["error"]["message"].startswith("request body is 10000000 bytes")
+        # chunked, no length: refused once the bytes received pass the cap, the upload unfinished
+        chunk = b"%x\r\n%s\r\n" % (1024, b"x" * 1024)
+        status, body = raw_http(url, post + b"transfer-encoding: chunked\r\n\r\n" + chunk * 5)
+        assert status == 413 and f"over {limit} bytes" in body["error"]["message"]
+
+        with httpx.Client(base_url=url, timeout=30) as client:
+            def padded(size: int) -> bytes:  # a valid request of exactly `size` bytes (unknown fields are ignored)
+                base = b'{"prompt": "hi", "max_tokens": 2, "pad": ""}'
+                return base[:-2] + b"x" * (size - len(base)) + base[-2:]
+
+            json_type = {"content-type": "application/json"}
+            assert client.post("/v1/completions", content=padded(limit), headers=json_type).status_code == 200
+            assert client.post("/v1/completions", content=padded(limit + 1), headers=json_type).status_code == 413
+            # a chunked body under the cap reaches the handler intact
+            chunked = client.post("/v1/completions", content=iter([padded(limit)[:100], padded(limit)[100:]]),
+                                  headers=json_type)
+            assert chunked.status_code == 200 and chunked.json()["usage"]["completion_tokens"] == 2
+        assert_idle(loop.engine)
+    finally:
+        stop()
+        loop.stop()
+
+
+def test_create_app_rejects_a_nonpositive_request_size_limit(model, tok):
+    loop = EngineLoop(Engine(model, ENGINE))  # never started: only the app's arguments are checked
+    with pytest.raises(ValueError, match="max_request_bytes must be a positive integer"):
+        create_app(loop, tok, "tiny", max_request_bytes=0)
+
+
 def test_stop_string_ends_the_completion(served, model, tok):
     client, engine = served
     free = greedy_text(model, tok, "Hello", 12)
@@ -196,13 +273,23 @@ def _hang_up_streaming(client):
                 break  # one chunk, then hang up
 
 
+def _hang_up_streaming_chat(client):
+    req = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 60, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=req) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:  # past the role-only first chunk
+                assert json.loads(line[len("data: "):])["choices"][0]["finish_reason"] is None  # mid-stream
+                break  # first generated text, then hang up
+
+
 def _hang_up_waiting(client):
     req = {"prompt": "abc", "max_tokens": 60, "temperature": 0}
     with pytest.raises(httpx.TimeoutException):
         client.post("/v1/completions", json=req, timeout=0.5)  # gives up and hangs up
 
 
-@pytest.mark.parametrize("hang_up", [_hang_up_streaming, _hang_up_waiting], ids=["streaming", "non-streaming"])
+@pytest.mark.parametrize("hang_up", [_hang_up_streaming, _hang_up_streaming_chat, _hang_up_waiting],
+                         ids=["streaming", "streaming-chat", "non-streaming"])
 def test_client_disconnect_frees_the_sequence(served, monkeypatch, hang_up):
     client, engine = served
     step = engine.step
