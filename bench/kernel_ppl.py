@@ -5,17 +5,22 @@
 Quantizes the shipped SmolLM2 with the Atom recipe (2 calibration windows of 1024 tokens, as
 tests/test_real_model.py does) and prints its WikiText-2 perplexity on 2 windows through: all
 kernels; reference quantization + kernel GEMM; kernel quantization + reference GEMM; all references.
-Then kernels vs references on 8 and 32 windows. The README's "GPU kernel path's perplexity" numbers
+Then kernels vs references on 8 and 32 windows; the served model (an Engine over KV4 pages: the
+regrouped layers and the KV4 kernels, models/engine/scoring.py) through the kernels and through the
+references on 2, 8 and 32 windows, which must agree to 3 significant digits, beside the plain model's
+figure (the regrouped layers round elsewhere: RMSNorm inside the quantization kernel, residuals added
+before the output rounding); and the unquantized fp16 model served vs plain (the harness's check). The README's "GPU kernel path's perplexity" numbers
 come from it (bench/results/kernel_ppl_h100.log: since the ninth session all four paths print the same
 value, the kernels computing the references' arithmetic bit for bit).
 """
 
 import contextlib
 import copy
+import math
 
 import torch
 
-from atom_ops import formats, kernels, quant_ops
+from atom_ops import attention, formats, kernels, quant_ops
 from models.data import split_text, wikitext_ids
 from models.eval import perplexity
 from models.loading import load_model
@@ -52,11 +57,33 @@ def op_path(name: str):
     try:
         if name == "reference":
             kernels.extension = lambda: None
+            attention._extension_has.cache_clear()  # the KV4 / paged attention ops ask once, then cache
         elif OP_PATHS[name] is not None:
             kernels.quantized_linear = OP_PATHS[name](kernel_path)
         yield
     finally:
         kernels.quantized_linear, kernels.extension = kernel_path, extension
+        attention._extension_has.cache_clear()
+
+
+def served_ppl(model, windows: torch.Tensor, kv_format: str = "kv4") -> float:
+    """Perplexity of `windows` through an Engine serving `model` (models/engine/scoring.py: one packed
+    prefill per window): for the quantized model, the regrouped layers (RMSNorm / SiLU prologues in
+    the quantization kernel, residuals in the GEMM) and K, V written to KV4 pages by the append kernel
+    and read back; `kv_format` is the page format the engine must pick (a check)."""
+    from models.engine import Engine, EngineConfig
+    from models.engine.scoring import served_perplexity
+
+    engine = Engine(model, EngineConfig(max_batch=1, max_context=windows.shape[1], kv_cache_bytes=1 << 28))
+    if engine.kv_format != kv_format or engine.fused is None:
+        raise RuntimeError(f"expected {kv_format} pages and regrouped layers, got {engine.kv_format} pages"
+                           f"{'' if engine.fused is not None else ' without regrouped layers'}")
+    return served_perplexity(engine, windows, progress=False)
+
+
+def half_unit_of_third_digit(x: float) -> float:
+    """Two values within this of x agree with it to 3 significant digits (issue 8's bar)."""
+    return 0.5 * 10 ** (math.floor(math.log10(abs(x))) - 2)
 
 
 def main() -> int:
@@ -67,16 +94,36 @@ def main() -> int:
     q = q.half()
     q.model.rotary_emb.reset_buffers("cuda")
     with torch.no_grad():
+        refs = {}
         for name in OP_PATHS:
             with op_path(name):
-                print(f"ppl {name}: {perplexity(q, split.eval_windows[:2], progress=False):.4f}")
+                ppl = perplexity(q, split.eval_windows[:2], progress=False)
+            refs[2] = ppl if name == "reference" else refs.get(2)
+            print(f"ppl {name}: {ppl:.4f}")
         # More text: float-order differences are noise that averages out over tokens.
         for n in (8, 32):
             w = split.eval_windows[:n]
             fast = perplexity(q, w, progress=False)
             with op_path("reference"):
-                ref = perplexity(q, w, progress=False)
-            print(f"ppl {n} windows: kernels {fast:.4f}, reference {ref:.4f}")
+                refs[n] = perplexity(q, w, progress=False)
+            print(f"ppl {n} windows: kernels {fast:.4f}, reference {refs[n]:.4f}")
+        # The served model (engine): through the kernels and through every op's reference (the same
+        # regrouped arithmetic), and against the plain model's (other roundings: module doc)
+        for n in (2, 8, 32):
+            w = split.eval_windows[:n]
+            served = served_ppl(q, w)
+            with op_path("reference"):
+                served_ref = served_ppl(q, w)
+            agree = abs(served - served_ref) <= half_unit_of_third_digit(served_ref)
+            print(f"ppl {n} windows: served (engine, KV4 pages) kernels {served:.4f}, references {served_ref:.4f} "
+                  f"({'equal' if agree else 'NOT equal'} to 3 significant digits); plain model {refs[n]:.4f}")
+        # The scoring harness itself, on the unquantized fp16 model (no 4-bit rounding to amplify
+        # differences): served (merged projections, fused RMSNorm, float pages) vs the plain forward
+        fp16 = copy.deepcopy(model).cuda().half()
+        fp16.model.rotary_emb.reset_buffers("cuda")
+        w = split.eval_windows[:8]
+        print(f"ppl 8 windows, fp16 model: served {served_ppl(fp16, w, 'float'):.4f}, "
+              f"plain {perplexity(fp16, w, progress=False):.4f}")
     return 0
 
 

@@ -652,6 +652,28 @@ def test_fused_atom_layers_match_the_layers_they_regroup(atom_checkpoint):
     assert [len(c.token_ids) for c in done] == [5, 5]
 
 
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_served_perplexity_is_the_plain_models_on_the_cpu(tiny_config, kv_format):
+    """Scoring windows through the engine (one packed prefill each over freshly allocated pages,
+    K and V stored then read back: KV4 pages for kv4) gives the plain forward's perplexity, which
+    applies the same KV4 quantizer; the pages go back to the pool and bad windows fail clearly."""
+    from models.engine.scoring import served_nll, served_perplexity
+    from models.eval import perplexity
+
+    model = random_model(tiny_config, kv_format)
+    engine = Engine(model, EngineConfig(page_size=4, max_context=32, max_batch=2))
+    windows = torch.randint(0, tiny_config.vocab_size, (3, 23), generator=torch.Generator().manual_seed(5))
+    free = engine.allocator.num_free
+    served, plain = served_perplexity(engine, windows, progress=False), perplexity(model, windows, progress=False)
+    assert abs(served - plain) <= 1e-4 * plain, (served, plain)
+    assert engine.allocator.num_free == free
+    with pytest.raises(ValueError, match="2..32 tokens"):
+        served_nll(engine, torch.zeros(33, dtype=torch.long))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        served_nll(engine, windows[0])
+
+
 def test_merged_projections_match_the_layers_they_stack(tiny_config):
     """fp16 / fp8 models serve with q|k|v and gate|up each one linear: same layer outputs (up to the
     GEMM's summation order), the originals turned into views of the stacked weights (nothing held

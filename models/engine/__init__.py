@@ -13,6 +13,7 @@ the HTTP server (models/server.py).
     modes.py        fp16 / fp8 / atom model loading
     fp8.py          W8A8 FP8 linears via torch._scaled_mm (GPU only)
     text.py         chat template, streaming detokenization with stop strings
+    scoring.py      perplexity through the serving path (packed prefill over the paged cache)
 """
 
 from .engine import Completion, Engine, EngineConfig, RequestOutput
