@@ -17,7 +17,9 @@ prefill step then holds chunks of unequal shapes, whose attention runs per run o
 Each engine step packs up to `--prefill-tokens` prompt tokens (several prompts) into one prefill
 forward beside the decode step of the running sequences.
 Reported per (model, mode, batch): output tokens/s over the whole run (prefill included), decode
-tokens/s and per-step latency after the last prefill, time to first token of the batch, and how
+tokens/s and per-step latency after the last prefill, time to first token of the batch, per-request
+latency (each request's time to first token, time per output token after it and end-to-end time:
+mean / p50 / p99 over the requests; a second table and the plot's right panel), and how
 many sequences the KV cache held at once and could hold at the `--kv-gib` budget (KV4 pages
 hold about 3.5x more than fp16 pages). The engine's max_batch is the smaller of `batch` and what the
 budget holds at full length (the rest queue), so no mode thrashes on preemption.
@@ -44,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, command_line, default_tag, gpu_name, series_plot, write_results
+from bench.common import (RESULTS, command_line, default_tag, draw_series, finish_m_plot, gpu_name, new_figure,
+                          print_table, write_results)
 
 MODES = ("fp16", "fp8", "atom")
 
@@ -155,20 +158,25 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
     while engine.has_work():
         engine.step()
     sync(device)
-    for p in prompts:
-        engine.add_request(p, params)
+    ids = [engine.add_request(p, params) for p in prompts]
     retries = alloc_retries(device)
     gc_time = GcTime()  # host pauses for the garbage collector, a suspect for slow prefill phases
     gc.callbacks.append(gc_time)
     try:
         started = time.perf_counter()
         first_token, prefill_done, produced, steps_after, gc_prefill = None, None, {}, 0, None
+        first_at, done_at = {}, {}  # per request: when the host got its first / last token (s after start)
         while engine.has_work():
             outs = engine.step()
+            now = time.perf_counter() - started
             for o in outs:
                 if o.error:
                     raise RuntimeError(f"request {o.request_id} failed: {o.error}")
                 produced[o.request_id] = produced.get(o.request_id, 0) + len(o.new_token_ids)
+                if o.new_token_ids:
+                    first_at.setdefault(o.request_id, now)
+                if o.finished:
+                    done_at[o.request_id] = now
             if first_token is None and produced:
                 sync(device)
                 first_token = time.perf_counter() - started
@@ -193,7 +201,24 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
             # cudaMalloc failures the caching allocator recovered from by freeing its cache: each a stall
             "alloc_retries": alloc_retries(device) - retries,
             "gc_s": round(gc_time.seconds, 4), "gc_prefill_s": None if gc_prefill is None else round(gc_prefill, 4),
-            "gc_collections": gc_time.collections}
+            "gc_collections": gc_time.collections, **request_latency(ids, produced, first_at, done_at)}
+
+
+def request_latency(ids: list[str], produced: dict, first_at: dict, done_at: dict) -> dict:
+    """What each request saw, all submitted at t = 0: time to its first token (TTFT, queueing and
+    prefill included), time per output token after the first (TPOT: (last - first) / (tokens - 1)),
+    and its end-to-end latency; mean, p50 and p99 over the requests. Times are when the host got
+    the tokens from engine.step(), as a server would stream them."""
+    def stats(values: list[float], scale: float) -> dict:
+        v = torch.tensor(values, dtype=torch.float64) * scale
+        return {"mean": round(float(v.mean()), 4), "p50": round(float(v.quantile(0.5)), 4),
+                "p99": round(float(v.quantile(0.99)), 4)}
+    ttft = [first_at[i] for i in ids]
+    tpot = [(done_at[i] - first_at[i]) / (produced[i] - 1) for i in ids if produced[i] > 1]
+    out = {"request_ttft_s": stats(ttft, 1.0), "request_latency_s": stats([done_at[i] for i in ids], 1.0)}
+    if tpot:
+        out["request_tpot_ms"] = stats(tpot, 1e3)
+    return out
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -265,13 +290,46 @@ def summary(rows: list[dict], modes) -> tuple[list[dict], list[str]]:
     return list(table.values()), cols + ["atom_vs_fp16", "atom_vs_fp8"]
 
 
-def plot(rows, path: Path, gpu: str | None = None):
-    series = {}
+LATENCY_COLUMNS = ["model", "batch", "mode", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms",
+                   "latency_p50_s", "latency_p99_s"]
+
+
+def latency_summary(rows: list[dict]) -> list[dict]:
+    """Per-request latency of every (model, batch, mode) row that has it (request_latency)."""
+    out = []
     for r in rows:
+        if "request_ttft_s" not in r:
+            continue
+        c, tpot = r["case"], r.get("request_tpot_ms", {})
+        out.append({"model": c["model"], "batch": c["batch"], "mode": r["impl"],
+                    "ttft_p50_s": f"{r['request_ttft_s']['p50']:.3f}", "ttft_p99_s": f"{r['request_ttft_s']['p99']:.3f}",
+                    "tpot_p50_ms": f"{tpot['p50']:.2f}" if tpot else "-", "tpot_p99_ms": f"{tpot['p99']:.2f}" if tpot else "-",
+                    "latency_p50_s": f"{r['request_latency_s']['p50']:.2f}",
+                    "latency_p99_s": f"{r['request_latency_s']['p99']:.2f}"})
+    return out
+
+
+def plot(rows, path: Path, gpu: str | None = None):
+    """Output tokens/s (left) and the median request's time per output token (right) against batch."""
+    figure = new_figure((13, 5))
+    if figure is None:
+        return None
+    fig, _ = figure
+    fig.clf()
+    left, right = fig.subplots(1, 2)
+    throughput, tpot = {}, {}
+    for r in rows:
+        key, batch = (r["impl"], r["case"]["model"]), r["case"]["batch"]
         if "tokens_per_s" in r:
-            series.setdefault((r["impl"], r["case"]["model"]), []).append((r["case"]["batch"], r["tokens_per_s"]))
-    return series_plot(path, series, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
-                       xlabel="batch (concurrent requests)")
+            throughput.setdefault(key, []).append((batch, r["tokens_per_s"]))
+        if "request_tpot_ms" in r:
+            tpot.setdefault(key, []).append((batch, r["request_tpot_ms"]["p50"]))
+    draw_series(left, throughput)
+    draw_series(right, tpot)
+    finish_m_plot(fig, right, path, "time per output token, median request (ms)",
+                  "Per-token latency", xlabel="batch (concurrent requests)")
+    return finish_m_plot(fig, left, path, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
+                         xlabel="batch (concurrent requests)")
 
 
 def main(argv=None) -> int:
@@ -331,7 +389,9 @@ def main(argv=None) -> int:
                     r = {"error": str(e).splitlines()[0][:200]}
                 rows.append({"case": case, "impl": mode, **r})
                 print(f"{name} {mode} batch={batch}: " + (f"{r['tokens_per_s']:.1f} tok/s, step {r['step_ms']:.1f} ms, "
-                      f"ttft {r['ttft_s']:.2f} s, {r['kv_format']} KV holds {r['kv_fit_sequences']}"
+                      f"request TTFT p50 {r['request_ttft_s']['p50']:.2f} s, "
+                      f"TPOT p50 {r.get('request_tpot_ms', {}).get('p50', float('nan')):.2f} ms, "
+                      f"{r['kv_format']} KV holds {r['kv_fit_sequences']}"
                       + (f" (median of {r['repeats']}, spread {100 * r['spread']:.1f}%)" if r["repeats"] > 1 else "")
                       if "tokens_per_s" in r else r["error"]), flush=True)
             if args.profile:
@@ -343,8 +403,11 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     table, cols = summary(rows, args.modes)
+    latency = latency_summary(rows)
+    footer = ("\nPer-request latency (all requests submitted at once; TTFT includes queueing):\n"
+              + print_table(latency, LATENCY_COLUMNS)) if latency else ""
     write_results(args.out, f"e2e_{args.tag or default_tag()}", "e2e", rows, table, cols,
-                  command_line("bench.e2e"), plot=lambda path: plot(rows, path), device=str(device))
+                  command_line("bench.e2e"), plot=lambda path: plot(rows, path), footer=footer, device=str(device))
     if profiles:
         (args.out / f"e2e_{args.tag or default_tag()}_profile.txt").write_text("".join(profiles))
     return 0

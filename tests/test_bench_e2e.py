@@ -30,10 +30,16 @@ def test_e2e_bench_runs_and_reports(tmp_path):
         assert r["tokens"] == batch * 4 and r["tokens_per_s"] > 0
         assert r["kv_format"] == ("kv4" if mode == "atom" else "float")
         assert r["case"]["prefill_tokens"] == 24 and 0 < r["prefill_phase_s"] <= r["total_s"]
+        # per-request latency: every request's first token after 0, its last by the end of the run
+        ttft, tpot, lat = r["request_ttft_s"], r["request_tpot_ms"], r["request_latency_s"]
+        assert 0 < ttft["p50"] <= ttft["p99"] <= lat["p99"] <= r["total_s"] + 1e-3
+        assert 0 < tpot["p50"] <= tpot["p99"] and ttft["mean"] > 0
     assert rows[("atom", 3)]["kv_fit_sequences"] == 3  # the whole batch at once
     assert rows[("atom", 3)]["kv_capacity_sequences"] > 3 * rows[("fp16", 3)]["kv_capacity_sequences"]  # KV4
     text = (tmp_path / "e2e_t.txt").read_text()
     assert "atom_vs_fp16" in text
+    assert "Per-request latency" in text and "tpot_p50_ms" in text  # the second table
+    assert (tmp_path / "e2e_t.png").exists() or e2e.new_figure() is None
     profile = (tmp_path / "e2e_t_profile.txt").read_text()  # where a step's time goes, per mode
     for mode in ("fp16", "atom"):
         assert f"== {mode}: first prefill step (up to 24 tokens" in profile
