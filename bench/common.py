@@ -120,15 +120,16 @@ def write_json(path: Path, bench: str, rows: list[dict], command: str | None = N
     return path
 
 
-def print_table(rows: list[dict], columns: list[str]) -> str:
-    """Format dict rows as an aligned text table (returns and prints it); a missing cell prints
-    "-" (a blank one would shift the columns for a reader splitting on whitespace)."""
+def print_table(rows: list[dict], columns: list[str], echo: bool = True) -> str:
+    """Format dict rows as an aligned text table (returns it, and prints it unless echo=False); a
+    missing cell prints "-" (a blank one would shift the columns for a reader splitting on whitespace)."""
     cells = [[str(r.get(c, "-")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     text = "\n".join(lines)
-    print(text)
+    if echo:
+        print(text)
     return text
 
 
@@ -179,14 +180,19 @@ def series_plot(path: Path, series: dict[tuple[str, str], list[tuple[float, floa
     return finish_m_plot(fig, ax, path, ylabel, title, ncol=ncol, xlabel=xlabel)
 
 
-def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1,
-                  xlabel: str = "M (tokens)") -> Path:
-    """Log2 x axis (token count by default), labels, legend; saves the figure to ``path``."""
+def label_m_axes(ax, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1, xlabel: str = "M (tokens)") -> None:
+    """Log2 x axis (token count by default), labels, legend of one panel."""
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=legend_size, ncol=ncol)
+
+
+def finish_m_plot(fig, ax, path: Path, ylabel: str, title: str, legend_size: int = 7, ncol: int = 1,
+                  xlabel: str = "M (tokens)") -> Path:
+    """label_m_axes, then saves the figure to ``path``."""
+    label_m_axes(ax, ylabel, title, legend_size, ncol, xlabel)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

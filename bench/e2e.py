@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (RESULTS, command_line, default_tag, draw_series, finish_m_plot, gpu_name, new_figure,
-                          print_table, write_results)
+from bench.common import (RESULTS, command_line, default_tag, draw_series, finish_m_plot, gpu_name, label_m_axes,
+                          new_figure, print_table, write_results)
 
 MODES = ("fp16", "fp8", "atom")
 
@@ -207,12 +207,16 @@ def run_batch(model, batch: int, input_len: int, output_len: int, kv_bytes: int,
 def request_latency(ids: list[str], produced: dict, first_at: dict, done_at: dict) -> dict:
     """What each request saw, all submitted at t = 0: time to its first token (TTFT, queueing and
     prefill included), time per output token after the first (TPOT: (last - first) / (tokens - 1)),
-    and its end-to-end latency; mean, p50 and p99 over the requests. Times are when the host got
-    the tokens from engine.step(), as a server would stream them."""
+    and its end-to-end latency; mean, p50 and p99 over the requests (p99 of a batch of 16 is about
+    its slowest request). Times are when the host got the tokens from engine.step(), as a server
+    would stream them."""
     def stats(values: list[float], scale: float) -> dict:
         v = torch.tensor(values, dtype=torch.float64) * scale
         return {"mean": round(float(v.mean()), 4), "p50": round(float(v.quantile(0.5)), 4),
                 "p99": round(float(v.quantile(0.99)), 4)}
+    ids = [i for i in ids if i in first_at and i in done_at]  # a request can stop before its first token
+    if not ids:
+        return {}
     ttft = [first_at[i] for i in ids]
     tpot = [(done_at[i] - first_at[i]) / (produced[i] - 1) for i in ids if produced[i] > 1]
     out = {"request_ttft_s": stats(ttft, 1.0), "request_latency_s": stats([done_at[i] for i in ids], 1.0)}
@@ -326,8 +330,8 @@ def plot(rows, path: Path, gpu: str | None = None):
             tpot.setdefault(key, []).append((batch, r["request_tpot_ms"]["p50"]))
     draw_series(left, throughput)
     draw_series(right, tpot)
-    finish_m_plot(fig, right, path, "time per output token, median request (ms)",
-                  "Per-token latency", xlabel="batch (concurrent requests)")
+    label_m_axes(right, "time per output token, median request (ms)", "Per-token latency",
+                 xlabel="batch (concurrent requests)")
     return finish_m_plot(fig, left, path, "output tokens/s", f"Serving throughput on {gpu or gpu_name()}",
                          xlabel="batch (concurrent requests)")
 
@@ -389,7 +393,7 @@ def main(argv=None) -> int:
                     r = {"error": str(e).splitlines()[0][:200]}
                 rows.append({"case": case, "impl": mode, **r})
                 print(f"{name} {mode} batch={batch}: " + (f"{r['tokens_per_s']:.1f} tok/s, step {r['step_ms']:.1f} ms, "
-                      f"request TTFT p50 {r['request_ttft_s']['p50']:.2f} s, "
+                      f"request TTFT p50 {r.get('request_ttft_s', {}).get('p50', float('nan')):.2f} s, "
                       f"TPOT p50 {r.get('request_tpot_ms', {}).get('p50', float('nan')):.2f} ms, "
                       f"{r['kv_format']} KV holds {r['kv_fit_sequences']}"
                       + (f" (median of {r['repeats']}, spread {100 * r['spread']:.1f}%)" if r["repeats"] > 1 else "")
@@ -405,7 +409,7 @@ def main(argv=None) -> int:
     table, cols = summary(rows, args.modes)
     latency = latency_summary(rows)
     footer = ("\nPer-request latency (all requests submitted at once; TTFT includes queueing):\n"
-              + print_table(latency, LATENCY_COLUMNS)) if latency else ""
+              + print_table(latency, LATENCY_COLUMNS, echo=False)) if latency else ""
     write_results(args.out, f"e2e_{args.tag or default_tag()}", "e2e", rows, table, cols,
                   command_line("bench.e2e"), plot=lambda path: plot(rows, path), footer=footer, device=str(device))
     if profiles:

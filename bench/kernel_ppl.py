@@ -7,7 +7,8 @@ tests/test_real_model.py does) and prints its WikiText-2 perplexity on 2 windows
 kernels; reference quantization + kernel GEMM; kernel quantization + reference GEMM; all references.
 Then kernels vs references on 8 and 32 windows; the served model (an Engine over KV4 pages: the
 regrouped layers and the KV4 kernels, models/engine/scoring.py) through the kernels and through the
-references on 2, 8 and 32 windows, which must agree to 3 significant digits, beside the plain model's
+references on 2, 8 and 32 windows, compared at 3 significant digits (printed, not enforced: the RMSNorm
+kernel's summation order flips rare 4-bit steps, which this small model amplifies), beside the plain model's
 figure (the regrouped layers round elsewhere: RMSNorm inside the quantization kernel, residuals added
 before the output rounding); and the unquantized fp16 model served vs plain (the harness's check). The README's "GPU kernel path's perplexity" numbers
 come from it (bench/results/kernel_ppl_h100.log: since the ninth session all four paths print the same
@@ -22,6 +23,7 @@ import torch
 
 from atom_ops import attention, formats, kernels, quant_ops
 from models.data import split_text, wikitext_ids
+from models.engine.scoring import served_model_perplexity
 from models.eval import perplexity
 from models.loading import load_model
 from models.quantize import quantize_model
@@ -66,21 +68,6 @@ def op_path(name: str):
         attention._extension_has.cache_clear()
 
 
-def served_ppl(model, windows: torch.Tensor, kv_format: str = "kv4") -> float:
-    """Perplexity of `windows` through an Engine serving `model` (models/engine/scoring.py: one packed
-    prefill per window): for the quantized model, the regrouped layers (RMSNorm / SiLU prologues in
-    the quantization kernel, residuals in the GEMM) and K, V written to KV4 pages by the append kernel
-    and read back; `kv_format` is the page format the engine must pick (a check)."""
-    from models.engine import Engine, EngineConfig
-    from models.engine.scoring import served_perplexity
-
-    engine = Engine(model, EngineConfig(max_batch=1, max_context=windows.shape[1], kv_cache_bytes=1 << 28))
-    if engine.kv_format != kv_format or engine.fused is None:
-        raise RuntimeError(f"expected {kv_format} pages and regrouped layers, got {engine.kv_format} pages"
-                           f"{'' if engine.fused is not None else ' without regrouped layers'}")
-    return served_perplexity(engine, windows, progress=False)
-
-
 def half_unit_of_third_digit(x: float) -> float:
     """Two values within this of x agree with it to 3 significant digits (issue 8's bar)."""
     return 0.5 * 10 ** (math.floor(math.log10(abs(x))) - 2)
@@ -111,9 +98,9 @@ def main() -> int:
         # regrouped arithmetic), and against the plain model's (other roundings: module doc)
         for n in (2, 8, 32):
             w = split.eval_windows[:n]
-            served = served_ppl(q, w)
+            served = served_model_perplexity(q, w, "kv4")
             with op_path("reference"):
-                served_ref = served_ppl(q, w)
+                served_ref = served_model_perplexity(q, w, "kv4")
             agree = abs(served - served_ref) <= half_unit_of_third_digit(served_ref)
             print(f"ppl {n} windows: served (engine, KV4 pages) kernels {served:.4f}, references {served_ref:.4f} "
                   f"({'equal' if agree else 'NOT equal'} to 3 significant digits); plain model {refs[n]:.4f}")
@@ -122,7 +109,7 @@ def main() -> int:
         fp16 = copy.deepcopy(model).cuda().half()
         fp16.model.rotary_emb.reset_buffers("cuda")
         w = split.eval_windows[:8]
-        print(f"ppl 8 windows, fp16 model: served {served_ppl(fp16, w, 'float'):.4f}, "
+        print(f"ppl 8 windows, fp16 model: served {served_model_perplexity(fp16, w, 'float'):.4f}, "
               f"plain {perplexity(fp16, w, progress=False):.4f}")
     return 0
 

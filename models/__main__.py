@@ -168,6 +168,17 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (checked before any model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m models", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-queue", type=int, default=64, help="requests in flight before 429")
-    s.add_argument("--max-request-bytes", type=int, default=None,
+    s.add_argument("--max-request-bytes", type=positive_int, default=None,
                    help="request body cap, else 413 before parsing (default: max(1 MiB, 256 x max context))")
     s.set_defaults(func=cmd_serve)
     return p

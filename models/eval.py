@@ -19,14 +19,30 @@ def perplexity(model, windows: torch.Tensor, batch: int = 1, progress: bool = Tr
     """exp(mean next-token NLL) over non-overlapping windows [n, seqlen] (GPTQ/Atom protocol:
     every window is scored independently, its first token has no prediction)."""
     device = next(model.parameters()).device
+
+    def score(ids: torch.Tensor) -> tuple[float, int]:
+        ids = ids.to(device)
+        return next_token_nll(model(ids), ids)
+
+    return perplexity_of(score, windows, batch, "perplexity", progress)
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """(summed NLL of ids[..., 1:] under logits[..., :-1, :] in float32, how many tokens): each
+    position predicts the next one."""
+    logits = logits[..., :-1, :].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[..., 1:].reshape(-1), reduction="sum")
+    return float(loss), ids[..., 1:].numel()
+
+
+def perplexity_of(score, windows: torch.Tensor, batch: int = 1, desc: str = "perplexity",
+                  progress: bool = True) -> float:
+    """exp(total NLL / total tokens) over windows [n, seqlen] scored `batch` at a time by
+    score(windows[i:i + batch]) -> (summed NLL, tokens)."""
     nll, count = 0.0, 0
-    for i in tqdm(range(0, windows.shape[0], batch), desc="perplexity", disable=not progress):
-        ids = windows[i: i + batch].to(device)
-        logits = model(ids).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               reduction="sum")
-        nll += float(loss)
-        count += ids[:, 1:].numel()
+    for i in tqdm(range(0, windows.shape[0], batch), desc=desc, disable=not progress):
+        n, c = score(windows[i: i + batch])
+        nll, count = nll + n, count + c
     return math.exp(nll / count)
 
 

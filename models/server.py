@@ -93,8 +93,13 @@ class RequestSizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send, f"{int(declared)} bytes")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:  # uvicorn's h11 refuses these itself; other ASGI servers may pass them on
+                return await _error(400, f"malformed Content-Length {declared[:40]!r}")(scope, receive, send)
+            if length > self.max_bytes:
+                return await self._too_large(scope, receive, send, f"{length} bytes")
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -86,3 +86,25 @@ def test_median_run_picks_the_middle_rate():
     r = e2e.median_run(runs)
     assert r["step_ms"] == 2 and r["tokens_per_s_runs"] == [10.0, 30.0, 20.0] and r["spread"] == 2.0
     assert e2e.median_run(runs[:2])["step_ms"] == 1  # even count: the lower middle run
+
+
+def test_prefill_host_bench_reports_host_and_python_time(tmp_path):
+    """bench/prefill_host.py on the CPU: each mode's timed prefill steps, the forward's host time
+    within each step's wall time, and the top Python functions of a step."""
+    from bench import prefill_host
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert prefill_host.main(["--model", str(path), "--modes", "fp16", "atom", "--prompts", "2", "--input", "24",
+                              "--repeat", "2", "--device", "cpu", "--out", str(tmp_path), "--tag", "p"]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "prefill_host_p.json").read_text())["rows"]}
+    assert set(rows) == {"fp16", "atom"}
+    for r in rows.values():
+        assert len(r["wall_ms"]) == len(r["forward_host_ms"]) == 2
+        assert all(0 < h <= w for h, w in zip(r["forward_host_ms"], r["wall_ms"]))
+        assert r["top_python"] and r["top_python"][0]["own_ms"] >= r["top_python"][-1]["own_ms"]
+    # the atom model's step runs the W4A4 reference on the CPU: it shows up by name
+    assert any("w4a4_matmul_reference" in f["function"] for f in rows["atom"]["top_python"])
+    assert "top Python functions" in (tmp_path / "prefill_host_p.txt").read_text()

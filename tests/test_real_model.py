@@ -101,7 +101,8 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split):
     (dot * sa) * sw, the outlier group as four FP8 digit planes promoted one by one) this small W4A4
     model amplified the last-bit differences through the next layer's 4-bit rounding: 34.92 vs 34.84."""
     from atom_ops import kernels
-    from bench.kernel_ppl import op_path, served_ppl
+    from bench.kernel_ppl import op_path
+    from models.engine.scoring import served_model_perplexity
     from models.eval import perplexity
     from models.quantize import quantize_model
     from models.recipe import ATOM
@@ -132,13 +133,14 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split):
     # the plain model's references (both exact arithmetic, rounding in other places) differ by
     # 2.2% / 1.3% / 0.07%. So the bound is that spread: a wrong kernel moves it by far more.
     with torch.no_grad():
-        served = served_ppl(q, windows)
+        served = served_model_perplexity(q, windows, "kv4")
         with op_path("reference"):
-            served_ref = served_ppl(q, windows)
+            served_ref = served_model_perplexity(q, windows, "kv4")
         # the scoring harness itself, on the unquantized fp16 model (no 4-bit rounding to amplify)
         fp16 = copy.deepcopy(model).cuda().half()
         fp16.model.rotary_emb.reset_buffers("cuda")
-        fp16_served, fp16_plain = served_ppl(fp16, windows, "float"), perplexity(fp16, windows, progress=False)
+        fp16_served = served_model_perplexity(fp16, windows, "float")
+        fp16_plain = perplexity(fp16, windows, progress=False)
     print(f"perplexity served (engine, KV4 pages): kernels {served:.4f}, references {served_ref:.4f}; "
           f"fp16 model served {fp16_served:.4f}, plain {fp16_plain:.4f}")
     assert abs(served - served_ref) <= 0.02 * served_ref, (served, served_ref)

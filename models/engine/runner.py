@@ -50,6 +50,13 @@ class ModelRunner:
 
         Packing (not padding) keeps every GEMM at M = the step's token count with no wasted rows;
         attention splits the packed tokens back into sequences (PagedBatch.segments)."""
+        hidden, last = self.prefill_hidden(chunks)
+        return self.model.lm_head(hidden[last]).float()
+
+    @torch.no_grad()
+    def prefill_hidden(self, chunks: list[tuple[Sequence, int]]) -> tuple[Tensor, Tensor]:
+        """prefill's forward: (final hidden states of every packed token [sum(n), hidden], each
+        chunk's last row in them [len(chunks)]); K and V of the chunks are written to the pages."""
         host, segments, dims = self.prefill_host(chunks)
         flat = torch.from_numpy(host)
         if self.device.type == "cuda":  # one asynchronous copy (torch.tensor from lists: one blocking copy each)
@@ -60,7 +67,7 @@ class ModelRunner:
         batch = PagedBatch(self.pages, tables, lens, slots, segments)
         with shape_stable_sdpa():  # entered once per step, not per attention call (attention.sdpa)
             hidden = self.body(ids[None], positions[None], batch)[0]   # [sum(n), hidden]
-        return self.model.lm_head(hidden[last]).float()
+        return hidden, last
 
     def prefill_host(self, chunks: list[tuple[Sequence, int]]):
         """A packed prefill's inputs as one flat int64 host array: input ids, positions and slots [N]

@@ -5,21 +5,18 @@ fake quantization). A served Atom model runs other code: the regrouped layers (q
 one GEMM each, RMSNorm and SiLU inside the quantization kernel, residuals in the GEMM epilogue;
 fused_layers.py), K and V stored into the paged cache (KV4 pages through the append kernel on a
 GPU) and attention over what was stored. served_perplexity scores each window as one packed
-prefill of the engine's ModelRunner over freshly allocated pages, with logits at every position,
-so its figure is the served model's.
+prefill of the engine's ModelRunner (prefill_hidden) over freshly allocated pages, with logits at
+every position, so its figure is the served model's.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from .attention import PagedBatch, shape_stable_sdpa
+from ..eval import next_token_nll, perplexity_of
 from .kv_cache import pages_for
+from .sampling import SamplingParams
+from .scheduler import Sequence
 
 
 @torch.no_grad()
@@ -33,28 +30,29 @@ def served_nll(engine, window: torch.Tensor) -> tuple[float, int]:
         raise ValueError(f"a scored window needs 2..{engine.max_context} tokens (the engine's max_context), got {T}")
     if engine.has_work():
         raise RuntimeError("served_nll needs an idle engine (it borrows pages from the request pool)")
-    ps, dev = engine.config.page_size, engine.device
-    pages = engine.allocator.allocate(pages_for(T, ps))
+    seq = Sequence("served-nll", window.tolist(), SamplingParams(), 0, None)
+    seq.pages = engine.allocator.allocate(pages_for(T, engine.config.page_size))
     try:
-        positions = np.arange(T)
-        slots = np.asarray(pages, dtype=np.int64)[positions // ps] * ps + positions % ps
-        ids = window.to(device=dev, dtype=torch.long)[None]
-        batch = PagedBatch(engine.pages, torch.tensor([pages], device=dev), torch.tensor([T], device=dev),
-                           torch.from_numpy(slots).to(dev), segments=((T, T),))
-        with shape_stable_sdpa():
-            hidden = engine.runner.body(ids, torch.arange(T, device=dev)[None], batch)[0]
-        logits = engine.model.lm_head(hidden[:-1]).float()
-        nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        return float(nll), T - 1
+        hidden, _ = engine.runner.prefill_hidden([(seq, T)])
+        return next_token_nll(engine.model.lm_head(hidden), window.to(hidden.device))
     finally:
-        engine.allocator.free(pages)
+        engine.allocator.free(seq.pages)
 
 
 def served_perplexity(engine, windows: torch.Tensor, progress: bool = True) -> float:
     """exp(mean next-token NLL) over windows [n, T] scored independently (models.eval.perplexity's
     protocol) through the engine's serving path."""
-    nll, count = 0.0, 0
-    for window in tqdm(windows, desc="served perplexity", disable=not progress):
-        n, c = served_nll(engine, window)
-        nll, count = nll + n, count + c
-    return math.exp(nll / count)
+    return perplexity_of(lambda w: served_nll(engine, w[0]), windows, 1, "served perplexity", progress)
+
+
+def served_model_perplexity(model, windows: torch.Tensor, kv_format: str | None = None) -> float:
+    """served_perplexity through a fresh Engine for `model` (batch 1, context = the window length,
+    regrouped layers); `kv_format` ("kv4" / "float"), when given, is the page format the engine must
+    pick (a check that the path under test is the one meant)."""
+    from .engine import Engine, EngineConfig
+
+    engine = Engine(model, EngineConfig(max_batch=1, max_context=windows.shape[1], kv_cache_bytes=1 << 28))
+    if kv_format is not None and (engine.kv_format != kv_format or engine.fused is None):
+        raise RuntimeError(f"expected {kv_format} pages and regrouped layers, got {engine.kv_format} pages"
+                           f"{'' if engine.fused is not None else ' without regrouped layers'}")
+    return served_perplexity(engine, windows, progress=False)
