@@ -73,19 +73,28 @@ def half_unit_of_third_digit(x: float) -> float:
     return 0.5 * 10 ** (math.floor(math.log10(abs(x))) - 2)
 
 
+def gpu_half_copy(model, calib_windows: torch.Tensor | None = None):
+    """A copy of `model` on the GPU in fp16, first quantized with the Atom recipe on `calib_windows`
+    when given (what this bench and tests/test_real_model.py evaluate), RoPE buffers rebuilt there."""
+    m = copy.deepcopy(model).cuda()
+    if calib_windows is not None:
+        quantize_model(m, calib_windows, ATOM, progress=False)
+    m = m.half()
+    m.model.rotary_emb.reset_buffers("cuda")
+    return m
+
+
 def main() -> int:
     model, tok, _ = load_model(None)
     split = split_text(wikitext_ids(tok), seqlen=1024, calib_samples=4)
-    q = copy.deepcopy(model).cuda()
-    quantize_model(q, split.calib_windows[:2, :1024], ATOM, progress=False)
-    q = q.half()
-    q.model.rotary_emb.reset_buffers("cuda")
+    q = gpu_half_copy(model, split.calib_windows[:2, :1024])
     with torch.no_grad():
         refs = {}
         for name in OP_PATHS:
             with op_path(name):
                 ppl = perplexity(q, split.eval_windows[:2], progress=False)
-            refs[2] = ppl if name == "reference" else refs.get(2)
+            if name == "reference":
+                refs[2] = ppl
             print(f"ppl {name}: {ppl:.4f}")
         # More text: float-order differences are noise that averages out over tokens.
         for n in (8, 32):
@@ -106,8 +115,7 @@ def main() -> int:
                   f"({'equal' if agree else 'NOT equal'} to 3 significant digits); plain model {refs[n]:.4f}")
         # The scoring harness itself, on the unquantized fp16 model (no 4-bit rounding to amplify
         # differences): served (merged projections, fused RMSNorm, float pages) vs the plain forward
-        fp16 = copy.deepcopy(model).cuda().half()
-        fp16.model.rotary_emb.reset_buffers("cuda")
+        fp16 = gpu_half_copy(model)
         w = split.eval_windows[:8]
         print(f"ppl 8 windows, fp16 model: served {served_model_perplexity(fp16, w, 'float'):.4f}, "
               f"plain {perplexity(fp16, w, progress=False):.4f}")

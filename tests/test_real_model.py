@@ -101,19 +101,14 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split):
     (dot * sa) * sw, the outlier group as four FP8 digit planes promoted one by one) this small W4A4
     model amplified the last-bit differences through the next layer's 4-bit rounding: 34.92 vs 34.84."""
     from atom_ops import kernels
-    from bench.kernel_ppl import op_path
+    from bench.kernel_ppl import gpu_half_copy, op_path
     from models.engine.scoring import served_model_perplexity
     from models.eval import perplexity
-    from models.quantize import quantize_model
-    from models.recipe import ATOM
 
     if not kernels.available():
         pytest.skip("atom_ops._C not built")
     model, _, _ = smollm2
-    q = copy.deepcopy(model).cuda()
-    quantize_model(q, wikitext_split.calib_windows[:2, :1024], ATOM, progress=False)
-    q = q.half()
-    q.model.rotary_emb.reset_buffers("cuda")
+    q = gpu_half_copy(model, wikitext_split.calib_windows[:2, :1024])
     windows = wikitext_split.eval_windows[:2]
     with torch.no_grad():
         fast = perplexity(q, windows, progress=False)
@@ -137,8 +132,7 @@ def test_gpu_kernel_path_perplexity_matches_reference(smollm2, wikitext_split):
         with op_path("reference"):
             served_ref = served_model_perplexity(q, windows, "kv4")
         # the scoring harness itself, on the unquantized fp16 model (no 4-bit rounding to amplify)
-        fp16 = copy.deepcopy(model).cuda().half()
-        fp16.model.rotary_emb.reset_buffers("cuda")
+        fp16 = gpu_half_copy(model)
         fp16_served = served_model_perplexity(fp16, windows, "float")
         fp16_plain = perplexity(fp16, windows, progress=False)
     print(f"perplexity served (engine, KV4 pages): kernels {served:.4f}, references {served_ref:.4f}; "
